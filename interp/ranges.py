@@ -1,0 +1,53 @@
+"""Layer ranges: 0-indexed and inclusive at both ends, as the paper reports them
+(its code's ``range(begin, end)`` is end-exclusive; ``LayerRange(6, 14)`` is the paper's
+[6,14], i.e. ``scaling(start=6, end=15)`` in that code)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+class LayerRangeError(ValueError):
+    """A layer range that is empty, reversed or outside the model."""
+
+
+@dataclass(frozen=True, order=True)
+class LayerRange:
+    start: int
+    end: int  # inclusive
+
+    def __post_init__(self):
+        if not (isinstance(self.start, int) and isinstance(self.end, int)):
+            raise LayerRangeError(f"layer range bounds must be integers, got {self.start!r}, {self.end!r}")
+        if self.start < 0 or self.end < self.start:
+            raise LayerRangeError(f"invalid layer range [{self.start},{self.end}]: need 0 <= start <= end")
+
+    @property
+    def layers(self) -> list[int]:
+        return list(range(self.start, self.end + 1))
+
+    def __len__(self) -> int:
+        return self.end - self.start + 1
+
+    def __str__(self) -> str:
+        return f"[{self.start},{self.end}]"
+
+    def check(self, n_layers: int) -> "LayerRange":
+        """Raise unless every layer of the range exists in a model of ``n_layers`` layers."""
+        if self.end >= n_layers:
+            raise LayerRangeError(
+                f"layer range {self} does not fit a model of {n_layers} layers (valid: 0..{n_layers - 1})"
+            )
+        return self
+
+    @classmethod
+    def parse(cls, text: str) -> "LayerRange":
+        """Parse ``"6,14"``, ``"6-14"`` or ``"[6,14]"``."""
+        cleaned = text.strip().strip("[]()").replace("-", ",").replace(":", ",")
+        parts = [p for p in cleaned.split(",") if p.strip()]
+        if len(parts) != 2:
+            raise LayerRangeError(f"cannot read a layer range from {text!r}; write it as START,END")
+        try:
+            return cls(int(parts[0]), int(parts[1]))
+        except ValueError:
+            raise LayerRangeError(f"cannot read a layer range from {text!r}; write it as START,END") from None

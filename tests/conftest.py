@@ -1,0 +1,69 @@
+"""Shared fixtures: a tiny random Llama saved to a folder (loaded through the same
+``load_model`` path as any local model), and the embedded SmolLM2 models."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from interp.models import embedded_gguf_path, load_model
+
+torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+
+
+def build_tiny_llama(folder, n_layers: int = 4, seed: int = 0, bias: bool = False):
+    """Save a randomly initialised Llama (d_model 64) with SmolLM2's tokenizer to ``folder``."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    gguf = embedded_gguf_path()
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=n_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        attention_bias=bias,
+        mlp_bias=bias,
+        tie_word_embeddings=True,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    if bias:  # HF initialises biases to zero; make them matter
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith("bias"):
+                    p.normal_(0, 0.1)
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def tiny_bias_dir(tmp_path_factory):
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny-llama-bias"), bias=True, seed=1)
+
+
+@pytest.fixture(scope="session")
+def tiny(tiny_dir):
+    return load_model(str(tiny_dir), device="cpu")
+
+
+@pytest.fixture(scope="session")
+def embedded_base():
+    return load_model("embedded-base", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def embedded():
+    return load_model("embedded", device="cpu")
