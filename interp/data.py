@@ -1,6 +1,7 @@
 """Prompt sets shipped with the package, and a loader that validates them.
 
-Every set is a plain UTF-8 text file under ``interp/datasets/``, one prompt a line, no header.
+Every set is a plain UTF-8 text file under ``interp/datasets/``, one prompt a line, no header
+(a ``.csv`` path given by the user is read as one CSV column, e.g. the paper's files).
 ``interp/datasets/SOURCES.md`` names the source and licence of each.
 
 Splits are deterministic and documented: ``train`` is every even-numbered row (0, 2, 4, ...)
@@ -11,7 +12,9 @@ gives two halves with the same mix.  ``train`` is what analyses and fine-tuning 
 
 from __future__ import annotations
 
+import csv
 import hashlib
+import io
 from pathlib import Path
 
 DATA_DIR = Path(__file__).parent / "datasets"
@@ -63,9 +66,12 @@ def load_prompts(name_or_path: str | Path, part: str = "all") -> list[str]:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as err:
         raise DataError(f"{path}: not UTF-8 text ({err})") from None
-    rows = [line.rstrip("\r") for line in text.split("\n")]
-    if rows and rows[-1] == "":
-        rows.pop()  # the trailing newline
+    if path.suffix.lower() == ".csv":  # one quoted column, as the paper's files are
+        rows = [r[0] if len(r) == 1 else ",".join(r) for r in csv.reader(io.StringIO(text))]
+    else:
+        rows = [line.rstrip("\r") for line in text.split("\n")]
+        if rows and rows[-1] == "":
+            rows.pop()  # the trailing newline
     validate_prompts(rows, str(path))
     return split(rows, part)
 

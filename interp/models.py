@@ -138,8 +138,9 @@ def weights_fingerprint(model: torch.nn.Module) -> str:
     return digest.hexdigest()[:16]
 
 
-def _load_hf(spec: str, dtype: torch.dtype):
-    """Return ``(hf_model, tokenizer, bridge_name)`` for a spec, offline."""
+def load_hf(spec: str, dtype: torch.dtype = torch.float32):
+    """Return ``(hf_model, tokenizer, name)`` for a spec, offline, without a bridge (e.g. for PEFT,
+    whose LoRA layers must wrap plain ``nn.Linear`` modules)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     kwargs = {"dtype": dtype, "local_files_only": True}
@@ -191,7 +192,17 @@ def _load_gguf(path: Path, kwargs: dict):
         model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, **kwargs)
     except Exception as err:  # gguf raises a variety of errors on a corrupt file
         raise ModelLoadError(f"could not read the GGUF file {path}: {type(err).__name__}: {err}") from err
+    _forget_gguf_quantization(model)
     return model, tok
+
+
+def _forget_gguf_quantization(model) -> None:
+    """transformers dequantises GGUF tensors to plain float weights on load but still marks the
+    model as quantized, which makes Trainer and PEFT refuse to train it.  Drop the marks."""
+    model.is_quantized = False
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
 
 
 def default_device() -> str:
@@ -210,7 +221,7 @@ def load_model(
     check_template(template)
     device = device or default_device()
     dtype = dtype or torch.float32
-    model, tok, name = _load_hf(str(spec), dtype)
+    model, tok, name = load_hf(str(spec), dtype)
     model = model.to(device=device, dtype=dtype).eval()
     # the bridge forces eager attention; make the HF model agree so the two compute the same
     model.config._attn_implementation = "eager"

@@ -1,0 +1,107 @@
+"""The offline loader: real weights, the bridge's equivalence with plain HF, clear errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from interp import models
+from interp.models import ModelLoadError, ModelNotFoundError, PromptTooLongError, load_hf, load_model
+from interp.templates import ALPACA, TemplateError, format_prompt
+
+
+def test_embedded_bridge_logits_equal_an_independent_hf_model(embedded_base):
+    """The bridge's logits equal those of a second, bridge-free HF copy of the same weights."""
+    plain, tok, _ = load_hf("embedded-base")
+    plain.config._attn_implementation = "eager"
+    plain.eval()
+    ids = embedded_base.encode(["How do I bake bread?"])["input_ids"]
+    with torch.no_grad():
+        expected = plain(ids).logits
+        got = embedded_base.bridge(ids)
+    assert got.shape == expected.shape == (1, ids.shape[1], 49152)
+    assert torch.equal(got, expected)
+
+
+def test_embedded_run_with_cache_has_one_resid_post_per_layer(embedded_base):
+    ids = embedded_base.encode(["What is the capital of Canada?"])["input_ids"]
+    _, cache = embedded_base.bridge.run_with_cache(ids, names_filter=lambda n: n.endswith("hook_resid_post"))
+    assert embedded_base.n_layers == 30
+    assert sorted(cache.keys(), key=lambda k: int(k.split(".")[1])) == [
+        f"blocks.{i}.hook_resid_post" for i in range(30)
+    ]
+    assert cache["blocks.29.hook_resid_post"].shape == (1, ids.shape[1], 576)
+
+
+def test_bridge_shares_the_hf_parameters(tiny):
+    assert tiny.bridge.original_model is tiny.hf_model
+    assert tiny.n_layers == 4
+    q = tiny.hf_model.model.layers[1].self_attn.q_proj.weight
+    ids = tiny.encode(["hello there"])["input_ids"]
+    with torch.no_grad():
+        before = tiny.bridge(ids)
+        q.mul_(2.0)
+        after = tiny.bridge(ids)
+        q.div_(2.0)
+    assert not torch.allclose(before, after)
+
+
+def test_missing_local_folder_is_a_clear_error(tmp_path):
+    with pytest.raises(ModelNotFoundError, match="no model folder"):
+        load_model(str(tmp_path / "nowhere" / "model"))
+
+
+def test_folder_without_config_is_a_clear_error(tmp_path):
+    with pytest.raises(ModelLoadError, match="no config.json"):
+        load_model(str(tmp_path))
+
+
+def test_unknown_hub_id_is_a_clear_error_without_download(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelNotFoundError, match="local HF cache"):
+        load_model("no-such-org/no-such-model-xyz")
+
+
+def test_corrupt_gguf_is_a_clear_error(tmp_path):
+    bad = tmp_path / "broken.gguf"
+    bad.write_bytes(b"GGUF" + bytes(range(256)) * 8)
+    with pytest.raises(ModelLoadError, match="could not read the GGUF file"):
+        load_model(str(bad))
+    with pytest.raises(ModelNotFoundError, match="no GGUF file"):
+        load_model(str(tmp_path / "absent.gguf"))
+
+
+def test_unknown_template_is_a_clear_error(tiny_dir):
+    with pytest.raises(TemplateError, match="unknown prompt template 'vicuna'"):
+        load_model(str(tiny_dir), template="vicuna")
+
+
+def test_aligned_model_without_weights_says_how_to_make_them(monkeypatch, tmp_path):
+    monkeypatch.setattr(models, "PACKAGE_WEIGHTS", tmp_path / "pkg")
+    monkeypatch.setenv("SAFETY_LAYERS_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(ModelNotFoundError, match="python -m finetune.align"):
+        load_model("embedded")
+
+
+def test_templates(tiny):
+    chat = format_prompt(tiny.tokenizer, "Name a fruit.", "chat")
+    assert chat.endswith("<|im_start|>assistant\n") and "Name a fruit." in chat
+    assert format_prompt(tiny.tokenizer, "Name a fruit.", "alpaca") == ALPACA.format(instruction="Name a fruit.")
+    assert tiny.format("Name a fruit.", "alpaca").endswith("### Response:\n")
+
+
+def test_prompt_longer_than_the_context_is_refused(tiny):
+    assert tiny.n_ctx == 256
+    with pytest.raises(PromptTooLongError, match="over the model's context of 256"):
+        tiny.encode(["short", "word " * 400])
+
+
+def test_fingerprint_tracks_the_weights(tiny):
+    before = tiny.fingerprint()
+    assert before == models.weights_fingerprint(tiny.hf_model)
+    with torch.no_grad():
+        tiny.hf_model.model.layers[0].mlp.up_proj.weight.add_(1.0)
+        changed = tiny.fingerprint()
+        tiny.hf_model.model.layers[0].mlp.up_proj.weight.sub_(1.0)
+    assert changed != before
