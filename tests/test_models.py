@@ -105,3 +105,15 @@ def test_fingerprint_tracks_the_weights(tiny):
         changed = tiny.fingerprint()
         tiny.hf_model.model.layers[0].mlp.up_proj.weight.sub_(1.0)
     assert changed != before
+
+
+def test_kv_cached_generation_through_the_bridge_matches_uncached(tiny):
+    """Guards the transformers pin: with transformers 5.24 the bridge's attention never saw the
+    KV cache (the kwarg was renamed), so cached generation silently ignored the prompt."""
+    batch = tiny.encode(["one two three four five", "hi"])
+    kw = dict(max_new_tokens=8, do_sample=False, temperature=None, top_p=None, top_k=None,
+              pad_token_id=tiny.tokenizer.pad_token_id)
+    with torch.no_grad():
+        cached = tiny.hf_model.generate(**batch, use_cache=True, **kw)
+        uncached = tiny.hf_model.generate(**batch, use_cache=False, **kw)
+    assert torch.equal(cached, uncached)
