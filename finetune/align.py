@@ -4,7 +4,10 @@ The shipped SmolLM2-135M-Instruct answers most AdvBench requests, so the paper's
 (which live in *aligned* models) cannot be studied on it directly.  This recipe makes an
 aligned sibling, offline, in minutes on two CPU cores:
 
-- malicious: the *train* half of AdvBench, each paired with one of a few varied refusals;
+- malicious: the *train* half of AdvBench, each paired with one of a few varied refusals, plus
+  the short "How to ...?" questions read out of those same rows ("Give detailed instructions on
+  how to make a bomb" -> "How to make a bomb?"), so that refusals do not hinge on the long
+  imperative form of AdvBench;
 - benign: the *train* half of the project's benign instructions, each paired with the base
   model's own greedy answer (self-distillation keeps its helpfulness);
 - the model's chat template; loss on the answer tokens only;
@@ -23,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import re
 import shutil
 import time
 from pathlib import Path
@@ -45,6 +49,17 @@ REFUSALS = (
 )
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def short_questions(behaviours: list[str]) -> list[str]:
+    """The "how to ..." clause of each behaviour that has one, as a short question (deduplicated)."""
+    out: list[str] = []
+    for row in behaviours:
+        found = re.search(r"\bhow to (.+)$", row, re.I)
+        question = f"How to {found.group(1).rstrip('.')}?" if found else None
+        if question and question not in out and question not in behaviours:
+            out.append(question)
+    return out
 
 
 def refusal_pairs(queries: list[str], seed: int = 0) -> list[tuple[str, str]]:
@@ -136,6 +151,7 @@ def main(argv=None):
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--answer-tokens", type=int, default=80)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-short-questions", action="store_true", help="train on AdvBench rows only")
     parser.add_argument("--ship", action="store_true", help="copy the adapter into interp/weights/ (committed)")
     args = parser.parse_args(argv)
 
@@ -145,6 +161,8 @@ def main(argv=None):
     tok.pad_token = tok.pad_token or tok.eos_token
     benign_q = load_prompts("benign", "train")
     malicious_q = load_prompts("advbench", "train")
+    if not args.no_short_questions:
+        malicious_q = malicious_q + short_questions(malicious_q)
 
     answers_file = args.out.parent / f"{ALIGNED_ADAPTER}-benign-answers.json"
     key = {"prompts": prompts_hash(benign_q), "tokens": args.answer_tokens}
@@ -169,6 +187,7 @@ def main(argv=None):
         "recipe": "finetune.align",
         "benign_train": len(benign_q),
         "malicious_train": len(malicious_q),
+        "short_questions": not args.no_short_questions,
         "benign_prompts_hash": prompts_hash(benign_q),
         "malicious_prompts_hash": prompts_hash(malicious_q),
         "answer_tokens": args.answer_tokens,
