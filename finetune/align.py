@@ -5,9 +5,8 @@ The shipped SmolLM2-135M-Instruct answers most AdvBench requests, so the paper's
 aligned sibling, offline, in minutes on two CPU cores:
 
 - malicious: the *train* half of AdvBench, each paired with one of a few varied refusals, plus
-  the short "How to ...?" questions read out of those same rows ("Give detailed instructions on
-  how to make a bomb" -> "How to make a bomb?"), so that refusals do not hinge on the long
-  imperative form of AdvBench;
+  optionally (``--short-questions``) the short "How to ...?" questions read out of those same
+  rows ("Give detailed instructions on how to make a bomb" -> "How to make a bomb?");
 - benign: the *train* half of the project's benign instructions, each paired with the base
   model's own greedy answer (self-distillation keeps its helpfulness);
 - the model's chat template; loss on the answer tokens only;
@@ -151,7 +150,9 @@ def main(argv=None):
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--answer-tokens", type=int, default=80)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--no-short-questions", action="store_true", help="train on AdvBench rows only")
+    parser.add_argument("--short-questions", action="store_true",
+                        help="also train on short 'How to ...?' questions read from the AdvBench train rows "
+                             "(meant to raise over-rejection; the shipped adapter was trained without)")
     parser.add_argument("--ship", action="store_true", help="copy the adapter into interp/weights/ (committed)")
     args = parser.parse_args(argv)
 
@@ -161,7 +162,7 @@ def main(argv=None):
     tok.pad_token = tok.pad_token or tok.eos_token
     benign_q = load_prompts("benign", "train")
     malicious_q = load_prompts("advbench", "train")
-    if not args.no_short_questions:
+    if args.short_questions:
         malicious_q = malicious_q + short_questions(malicious_q)
 
     answers_file = args.out.parent / f"{ALIGNED_ADAPTER}-benign-answers.json"
@@ -187,7 +188,7 @@ def main(argv=None):
         "recipe": "finetune.align",
         "benign_train": len(benign_q),
         "malicious_train": len(malicious_q),
-        "short_questions": not args.no_short_questions,
+        "short_questions": args.short_questions,
         "benign_prompts_hash": prompts_hash(benign_q),
         "malicious_prompts_hash": prompts_hash(malicious_q),
         "answer_tokens": args.answer_tokens,
