@@ -1,0 +1,381 @@
+"""Write the located safety-layer range to JSON, and read it back with every check.
+
+``export_located(path, result, model, ...)`` turns an ``interp.locate.LocateResult`` into a
+record that follows ``SCHEMA`` (JSON Schema; ``docs/located_range.schema.json`` is a copy and
+``docs/located_range.md`` describes each field) and writes it atomically.  ``load_located(path,
+model=None)`` reads it back as a ``LocatedRange`` and refuses, with a message that says why:
+
+- a file that is missing, empty, truncated or not JSON;
+- a record of another schema, or of another schema version;
+- a record that breaks the schema (missing field, wrong type, negative layer, ...) or is not
+  self-consistent (start after end, range beyond the model's layers, winners that disagree
+  with the range);
+- with ``model``: a record made for other weights (fingerprint) or another layer count.
+
+The fingerprint is ``weights_fingerprint`` of the model's *plain* Hugging Face state dict
+(``plain_state_dict``): the bridge re-registers each wrapped module under
+``_original_component``, adds alias entries and a zero unembedding bias, so the state dict of a
+bridged model differs from that of the same weights loaded without the bridge
+(``interp.models.load_hf``, what fine-tuning uses; ``LoadedModel.fingerprint()`` hashes the
+bridged one).  Naming the tensors as Hugging Face does makes both agree.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from interp.io import atomic_write_json
+from interp.ranges import LayerRange, LayerRangeError
+
+SCHEMA_ID = "safety-layers/located-range"
+SCHEMA_VERSION = 1
+SCHEMA_FILE = Path(__file__).resolve().parent.parent / "docs" / "located_range.schema.json"
+
+COMPONENT_NAMES = ["q", "k", "v", "o", "gate", "in", "out"]
+_RANGE = {
+    "type": "object",
+    "required": ["start", "end"],
+    "additionalProperties": False,
+    "properties": {
+        "start": {"type": "integer", "minimum": 0, "description": "first layer, 0-indexed"},
+        "end": {"type": "integer", "minimum": 0, "description": "last layer, 0-indexed, inclusive"},
+    },
+}
+_NUMBER_OR_NULL = {"type": ["number", "null"]}
+
+SCHEMA: dict = {
+    "$schema": "https://json-schema.org/draft/2020-12/schema",
+    "$id": "urn:safety-layers:located-range:v1",
+    "title": "Located safety-layer range",
+    "description": (
+        "The layer range found by the scaling search of Li et al. (ICLR 2025, Sec. 3.4), with how it "
+        "was found. Written by interp.export.export_located, read by interp.export.load_located."
+    ),
+    "type": "object",
+    "required": [
+        "schema", "schema_version", "created", "model", "range", "alpha", "direction", "components",
+        "initial_range", "baseline_r_o", "sweeps", "metric", "versions",
+    ],
+    "additionalProperties": False,
+    "properties": {
+        "schema": {"const": SCHEMA_ID},
+        "schema_version": {"const": SCHEMA_VERSION},
+        "created": {"type": "string", "description": "UTC time of writing, ISO 8601"},
+        "model": {
+            "type": "object",
+            "required": ["spec", "fingerprint", "n_layers"],
+            "additionalProperties": False,
+            "properties": {
+                "spec": {"type": "string", "description": "what load_model was given"},
+                "fingerprint": {"type": "string", "pattern": "^[0-9a-f]{16}$",
+                                "description": "weights_fingerprint of the plain HF state dict"},
+                "n_layers": {"type": "integer", "minimum": 1},
+            },
+        },
+        "range": {**_RANGE, "description": "the located safety layers (inclusive)"},
+        "alpha": {"type": "number", "exclusiveMinimum": 0, "description": "the weight scale of the search"},
+        "direction": {"enum": ["max", "min"], "description": "max R_o for alpha > 1, min for alpha < 1"},
+        "components": {
+            "type": "array", "minItems": 1, "uniqueItems": True, "items": {"enum": COMPONENT_NAMES},
+            "description": "projections scaled (q,k,v,o attention; gate, in = up, out = down MLP)",
+        },
+        "initial_range": {**_RANGE, "description": "the range the search started from"},
+        "baseline_r_o": {"type": "number", "minimum": 0, "description": "R_o of the unscaled model"},
+        "baseline_estimate": {**_NUMBER_OR_NULL, "description": "coarse estimate of the baseline, if any"},
+        "sweeps": {
+            "type": "array",
+            "minItems": 2,
+            "items": {
+                "type": "object",
+                "required": ["phase", "start", "end", "alpha", "offset", "r_o", "winner"],
+                "additionalProperties": False,
+                "properties": {
+                    "phase": {"enum": ["upper", "lower"]},
+                    "start": {"type": "integer", "minimum": 0},
+                    "end": {"type": "integer", "minimum": 0},
+                    "alpha": {"type": "number", "exclusiveMinimum": 0},
+                    "offset": {"type": "integer"},
+                    "r_o": {**_NUMBER_OR_NULL, "description": "the value the decision used (null: not confirmed)"},
+                    "estimate": {**_NUMBER_OR_NULL, "description": "coarse score (coarse-to-fine search)"},
+                    "winner": {"type": "boolean"},
+                },
+            },
+        },
+        "metric": {
+            "type": "object",
+            "required": ["name", "method", "dataset", "dataset_hash", "n_prompts", "template", "max_new_tokens"],
+            "additionalProperties": True,
+            "properties": {
+                "name": {"const": "R_o"},
+                "method": {"type": "string", "description": "generation, first_step_mass, first_step_count, or coarse:fine"},
+                "dataset": {"type": "string"},
+                "dataset_hash": {"type": "string", "description": "interp.data.prompts_hash of the prompts used"},
+                "n_prompts": {"type": "integer", "minimum": 1},
+                "template": {"enum": ["chat", "alpaca"]},
+                "max_new_tokens": {"type": ["integer", "null"], "minimum": 1},
+            },
+        },
+        "alpha_selection": {"type": ["object", "null"], "description": "the alpha rule's trials, if it chose alpha"},
+        "versions": {
+            "type": "object",
+            "required": ["torch", "transformers", "transformer_lens"],
+            "additionalProperties": {"type": "string"},
+        },
+        "notes": {"type": "string"},
+    },
+}
+
+
+class LocatedRangeError(LayerRangeError):
+    """A located-range file that cannot be used: unreadable, malformed, or for another model."""
+
+
+@dataclass
+class LocatedRange:
+    """A loaded record: ``range`` (inclusive ``LayerRange``), ``alpha`` and the whole ``record``."""
+
+    range: LayerRange
+    alpha: float
+    record: dict
+    path: Path | None = None
+
+    @property
+    def fingerprint(self) -> str:
+        return self.record["model"]["fingerprint"]
+
+
+# --- fingerprint ---------------------------------------------------------------------------------
+
+
+def plain_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict a model has without TransformerLens's bridge: inside a bridge component
+    only its ``_original_component`` is followed (the bridge's alias submodules are skipped), and
+    that level of the name is dropped.  All-zero biases are left out: the bridge gives the
+    unembedding a zero bias (TransformerLens's ``b_U``) that the plain model lacks, and a zero
+    bias computes the same as none."""
+    out: dict[str, torch.Tensor] = {}
+
+    def walk(mod, prefix):
+        wrapped = mod._modules.get("_original_component")
+        if wrapped is not None:
+            walk(wrapped, prefix)
+            return
+        tensors = list(mod._parameters.items()) + [
+            (name, b) for name, b in mod._buffers.items() if name not in mod._non_persistent_buffers_set
+        ]
+        for name, t in tensors:
+            if t is not None and not (name == "bias" and not t.detach().any()):
+                out[prefix + name] = t
+        for name, child in mod._modules.items():
+            if child is not None:
+                walk(child, f"{prefix}{name}.")
+
+    walk(module, "")
+    return out
+
+
+class _StateDictView:
+    def __init__(self, state):
+        self._state = state
+
+    def state_dict(self):
+        return self._state
+
+
+def model_fingerprint(model) -> str:
+    """``weights_fingerprint`` of a model's plain HF state dict: the same for a ``LoadedModel``
+    and for the same weights loaded without the bridge (module docstring)."""
+    from interp.models import weights_fingerprint
+
+    hf = getattr(model, "hf_model", model)
+    if not isinstance(hf, torch.nn.Module):
+        raise TypeError(f"cannot fingerprint {type(model).__name__}: need a LoadedModel or a torch module")
+    return weights_fingerprint(_StateDictView(plain_state_dict(hf)))
+
+
+def _n_layers(model) -> int:
+    n = getattr(model, "n_layers", None)
+    if n is None:
+        hf = getattr(model, "hf_model", model)
+        n = hf.config.num_hidden_layers
+    return int(n)
+
+
+# --- write ---------------------------------------------------------------------------------------
+
+
+def package_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for key, dist in (("torch", "torch"), ("transformers", "transformers"),
+                      ("transformer_lens", "transformer-lens"), ("safety_layers", "safety-layers")):
+        try:
+            out[key] = version(dist)
+        except PackageNotFoundError:
+            out[key] = "not installed"
+    return out
+
+
+def located_record(
+    result,
+    model,
+    *,
+    dataset: str,
+    dataset_hash: str,
+    n_prompts: int,
+    method: str,
+    template: str | None = None,
+    max_new_tokens: int | None = 16,
+    components=tuple(COMPONENT_NAMES),
+    alpha_selection: dict | None = None,
+    extra_metric: dict | None = None,
+    notes: str | None = None,
+) -> dict:
+    """The JSON record (see ``SCHEMA``) of a ``LocateResult`` found on ``model``."""
+    rows = [r.to_dict() for r in result.upper + result.lower]
+    record = {
+        "schema": SCHEMA_ID,
+        "schema_version": SCHEMA_VERSION,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "model": {"spec": str(getattr(model, "spec", type(model).__name__)),
+                  "fingerprint": model_fingerprint(model), "n_layers": _n_layers(model)},
+        "range": {"start": result.range.start, "end": result.range.end},
+        "alpha": float(result.alpha),
+        "direction": result.direction,
+        "components": list(components),
+        "initial_range": {"start": result.initial.start, "end": result.initial.end},
+        "baseline_r_o": float(result.baseline),
+        "baseline_estimate": None if result.baseline_estimate is None else float(result.baseline_estimate),
+        "sweeps": rows,
+        "metric": {
+            "name": "R_o", "method": method, "dataset": dataset, "dataset_hash": dataset_hash,
+            "n_prompts": int(n_prompts), "template": template or getattr(model, "template", "chat"),
+            "max_new_tokens": max_new_tokens, **(extra_metric or {}),
+        },
+        "alpha_selection": alpha_selection,
+        "versions": package_versions(),
+    }
+    if notes:
+        record["notes"] = notes
+    validate_record(record)
+    return record
+
+
+def export_located(path: str | Path, result, model, **record_kwargs) -> Path:
+    """Write ``located_record(result, model, ...)`` to ``path`` atomically; returns the path."""
+    return atomic_write_json(path, located_record(result, model, **record_kwargs))
+
+
+# --- read ----------------------------------------------------------------------------------------
+
+
+def _schema_errors(record: dict) -> list[str]:
+    try:
+        import jsonschema
+    except ImportError:  # not a dependency: the hand checks below still run
+        return []
+    validator = jsonschema.Draft202012Validator(SCHEMA)
+    errors = sorted(validator.iter_errors(record), key=lambda e: list(e.absolute_path))
+    return [f"{'/'.join(str(p) for p in e.absolute_path) or '(top level)'}: {e.message}" for e in errors]
+
+
+def validate_record(record, where: str = "located-range record") -> dict:
+    """Raise ``LocatedRangeError`` unless ``record`` follows the schema and is self-consistent."""
+    if not isinstance(record, dict):
+        raise LocatedRangeError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    if record.get("schema") != SCHEMA_ID:
+        raise LocatedRangeError(f"{where}: not a located-range file (schema is {record.get('schema')!r}, "
+                                f"expected {SCHEMA_ID!r})")
+    version = record.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise LocatedRangeError(f"{where}: schema version {version!r}; this reader understands version "
+                                f"{SCHEMA_VERSION} only (re-run `python -m analyses.locate` to rewrite it)")
+    errors = _schema_errors(record)
+    if errors:
+        raise LocatedRangeError(f"{where} breaks the schema: " + "; ".join(errors[:5]))
+    try:
+        n_layers = int(record["model"]["n_layers"])
+        located = _range(record["range"], "range")
+        initial = _range(record["initial_range"], "initial_range")
+        sweeps = record["sweeps"]
+        alpha = float(record["alpha"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise LocatedRangeError(f"{where}: missing or malformed field ({type(err).__name__}: {err})") from None
+    for name, rng in (("range", located), ("initial_range", initial)):
+        if rng.end >= n_layers:
+            raise LocatedRangeError(f"{where}: {name} {rng} is outside the model's {n_layers} layers "
+                                    f"(valid: 0..{n_layers - 1})")
+    if not alpha > 0 or alpha == 1.0:
+        raise LocatedRangeError(f"{where}: alpha {alpha} must be > 0 and differ from 1")
+    if record["direction"] != ("max" if alpha > 1 else "min"):
+        raise LocatedRangeError(f"{where}: direction {record['direction']!r} does not fit alpha {alpha}")
+    for n, row in enumerate(sweeps):
+        try:
+            rng = _range(row, f"sweeps[{n}]")
+        except (KeyError, TypeError) as err:
+            raise LocatedRangeError(f"{where}: sweeps[{n}] is malformed ({err})") from None
+        if rng.end >= n_layers:
+            raise LocatedRangeError(f"{where}: sweeps[{n}] range {rng} is outside the model's {n_layers} layers")
+    for phase in ("upper", "lower"):
+        winners = [row for row in sweeps if row.get("phase") == phase and row.get("winner")]
+        if len(winners) != 1:
+            raise LocatedRangeError(f"{where}: the {phase}-bound sweep has {len(winners)} winners, expected 1")
+    lower_winner = next(row for row in sweeps if row["phase"] == "lower" and row["winner"])
+    if (lower_winner["start"], lower_winner["end"]) != (located.start, located.end):
+        raise LocatedRangeError(f"{where}: range {located} is not the lower-bound sweep's winner "
+                                f"[{lower_winner['start']},{lower_winner['end']}]")
+    return record
+
+
+def _range(obj, name: str) -> LayerRange:
+    try:
+        return LayerRange(obj["start"], obj["end"])
+    except LayerRangeError as err:
+        raise LocatedRangeError(f"{name}: {err}") from None
+
+
+def load_located(path: str | Path, model=None) -> LocatedRange:
+    """Read and check a located-range file (module docstring); with ``model`` (a ``LoadedModel``
+    or an HF model) also refuse a file made for other weights or another layer count."""
+    path = Path(path)
+    if not path.is_file():
+        raise LocatedRangeError(f"no located-range file at {path}")
+    text = path.read_text(encoding="utf-8", errors="replace")
+    if not text.strip():
+        raise LocatedRangeError(f"{path} is empty")
+    try:
+        record = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise LocatedRangeError(
+            f"{path} is not valid JSON ({err.msg} at line {err.lineno}, column {err.colno}); "
+            "the file is truncated or corrupt: re-run `python -m analyses.locate`"
+        ) from None
+    validate_record(record, str(path))
+    located = LocatedRange(LayerRange(record["range"]["start"], record["range"]["end"]),
+                           float(record["alpha"]), record, path)
+    if model is not None:
+        n_layers = _n_layers(model)
+        if n_layers != record["model"]["n_layers"]:
+            raise LocatedRangeError(f"{path} was made for a model of {record['model']['n_layers']} layers; "
+                                    f"this one has {n_layers}")
+        located.range.check(n_layers)
+        fingerprint = model_fingerprint(model)
+        if fingerprint != record["model"]["fingerprint"]:
+            raise LocatedRangeError(
+                f"{path} was made for other weights ({record['model']['spec']}, fingerprint "
+                f"{record['model']['fingerprint']}) than this model (fingerprint {fingerprint}); "
+                "locate the layers of this model first"
+            )
+    return located
+
+
+def write_schema(path: str | Path = SCHEMA_FILE) -> Path:
+    """Write ``SCHEMA`` as a JSON Schema file (``docs/located_range.schema.json`` is this copy)."""
+    return atomic_write_json(path, SCHEMA)

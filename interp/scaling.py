@@ -1,0 +1,208 @@
+"""Scale the weights of chosen layers by α, through hooks instead of copied weights.
+
+Li et al. (§3.4) locate the safety layers by multiplying every projection weight of a layer
+range by a factor α and counting how the model's over-rejection changes.  Their code copies the
+model and multiplies ``q/k/v/o_proj`` and ``gate/up/down_proj`` weights in place (norms and
+embeddings untouched).  Here the copy is unnecessary: a TransformerLens hook on each projection's
+output turns the projection ``y = W x + b`` into the output of ``(α W) x + b``::
+
+    y_scaled = α · (y − b) + b            (= α · y when the projection has no bias)
+
+That is exactly the weight-scaled model, bias and all (the paper scales weights only, so a bias
+must *not* be multiplied: ``α · y`` would be wrong for models with biases).  The bias is read
+from the wrapped HF ``nn.Linear`` when the context opens (a view of the parameter, so in-place
+weight updates stay visible).  The hooks are ``blocks.{i}.attn.{q,k,v,o}.hook_out`` and
+``blocks.{i}.mlp.{gate,in,out}.hook_out`` (``in`` = ``up_proj``, ``out`` = ``down_proj``).
+
+Because the bridge wraps the HF modules in place, the hooks also fire inside
+``model.hf_model(...)`` and ``model.hf_model.generate(...)`` (KV cache included), so anything
+run inside ``with scaled(...)`` sees the scaled model.  Hooks are added with the bridge's own
+``bridge.hooks(...)`` context: on exit (normal or by exception) exactly the hooks this context
+added are removed; hooks the user attached before, permanent or not, stay.  Nested contexts
+compose: scaling by α then β inside it is scaling by α·β.
+
+``components`` chooses the projections.  ``ALL_COMPONENTS`` is the paper's description;
+``PAPER_CODE_COMPONENTS`` omits ``o``, reproducing the official code before commit 8af5b13,
+whose ``o_proj`` line wrote into the wrong model (PAPER.md §2) — Table 1 was very likely made so.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from numbers import Real
+
+import torch
+from torch import Tensor
+
+from interp.ranges import LayerRange, LayerRangeError
+
+ATTN_COMPONENTS = ("q", "k", "v", "o")
+MLP_COMPONENTS = ("gate", "in", "out")
+ALL_COMPONENTS: tuple[str, ...] = ATTN_COMPONENTS + MLP_COMPONENTS
+"""Every projection the paper scales: attention q, k, v, o; MLP gate, up (``in``), down (``out``)."""
+PAPER_CODE_COMPONENTS: tuple[str, ...] = ("q", "k", "v", "gate", "in", "out")
+"""What the official code actually scaled until 2025-04-26: everything but ``o_proj`` (its bug)."""
+
+HOOK_PARENT = {c: f"attn.{c}" for c in ATTN_COMPONENTS} | {c: f"mlp.{c}" for c in MLP_COMPONENTS}
+HF_NAMES = {
+    "q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
+    "gate": "mlp.gate_proj", "in": "mlp.up_proj", "out": "mlp.down_proj",
+}
+"""The Llama-style HF submodule of each component (used by ``scale_weights_``)."""
+
+
+class ScalingError(ValueError):
+    """A bad scaling request: α not a finite positive number, unknown component, bad layers."""
+
+
+def hook_name(layer: int, component: str) -> str:
+    """The bridge hook on a projection's output, e.g. ``blocks.3.attn.q.hook_out``."""
+    return f"blocks.{layer}.{HOOK_PARENT[component]}.hook_out"
+
+
+def check_alpha(alpha) -> float:
+    """α must be a real, finite number above 0 (α ≤ 0 would flip or erase the layers)."""
+    if isinstance(alpha, bool) or not isinstance(alpha, Real):
+        raise ScalingError(f"alpha must be a real number, got {alpha!r}")
+    alpha = float(alpha)
+    if not math.isfinite(alpha):
+        raise ScalingError(f"alpha must be finite, got {alpha}")
+    if alpha <= 0:
+        raise ScalingError(f"alpha must be > 0, got {alpha}")
+    return alpha
+
+
+def check_layers(layers, n_layers: int) -> list[int]:
+    """Normalise a ``LayerRange``, one int or an iterable of ints to a sorted list of layers
+    that all exist in a model of ``n_layers`` layers."""
+    if isinstance(layers, LayerRange):
+        return layers.check(n_layers).layers
+    if isinstance(layers, bool):
+        raise ScalingError(f"layers must be a LayerRange or integers, got {layers!r}")
+    if isinstance(layers, int):
+        layers = [layers]
+    if isinstance(layers, (str, bytes)) or not isinstance(layers, Iterable):
+        raise ScalingError(f"layers must be a LayerRange or integers, got {layers!r}")
+    layers = list(layers)
+    if not layers:
+        raise ScalingError("no layers to scale: the layer list is empty")
+    if not all(isinstance(i, int) and not isinstance(i, bool) for i in layers):
+        raise ScalingError(f"layer indices must be integers, got {layers!r}")
+    if len(set(layers)) != len(layers):
+        raise ScalingError(f"layer list repeats a layer: {layers} (each layer is scaled once)")
+    bad = [i for i in layers if not 0 <= i < n_layers]
+    if bad:
+        raise LayerRangeError(f"layer(s) {bad} outside this model's layers 0..{n_layers - 1}")
+    return sorted(layers)
+
+
+def check_components(components) -> tuple[str, ...]:
+    if isinstance(components, str):
+        components = (components,)
+    components = tuple(components)
+    if not components:
+        raise ScalingError("no components to scale")
+    unknown = [c for c in components if c not in ALL_COMPONENTS]
+    if unknown:
+        raise ScalingError(f"unknown component(s) {unknown}; choose from {', '.join(ALL_COMPONENTS)}")
+    if len(set(components)) != len(components):
+        raise ScalingError(f"component list repeats an entry: {components}")
+    return components
+
+
+def projection_bias(bridge, layer: int, component: str) -> Tensor | None:
+    """The bias of a projection's wrapped HF ``nn.Linear`` (``None`` when it has none)."""
+    module = bridge.blocks[layer]
+    for part in HOOK_PARENT[component].split("."):
+        module = getattr(module, part)
+    linear = getattr(module, "original_component", None)
+    linear = module if linear is None else linear
+    bias = getattr(linear, "bias", None)
+    return None if bias is None else bias.detach()
+
+
+def bias_like(bias: Tensor, out: Tensor) -> Tensor:
+    """``bias`` shaped to broadcast over a hook's output.  The bridge hands q/k/v outputs over
+    split into heads, ``[batch, pos, head, d_head]``, so the bias is reshaped to the trailing
+    dimensions whose sizes multiply to its length."""
+    size = 1
+    for k in range(1, out.ndim + 1):
+        size *= out.shape[-k]
+        if size == bias.numel():
+            return bias.reshape(out.shape[-k:]).to(out.dtype)
+    raise RuntimeError(
+        f"cannot align a bias of {bias.numel()} values with a projection output of shape {tuple(out.shape)}"
+    )
+
+
+def _scale_hook(alpha: float, bias: Tensor | None):
+    """A hook making ``y = W x + b`` into ``(α W) x + b``."""
+    if bias is None:
+        def hook(out: Tensor, hook) -> Tensor:
+            return out * alpha
+    else:
+        def hook(out: Tensor, hook) -> Tensor:
+            # α (y − b) + b  =  α y + (1 − α) b
+            return torch.add(out * alpha, bias_like(bias, out), alpha=1.0 - alpha)
+    return hook
+
+
+def scaling_hooks(model, layers, alpha: float, components=ALL_COMPONENTS) -> list[tuple[str, object]]:
+    """``(hook_name, fn)`` pairs that scale ``components`` of ``layers`` by ``alpha``
+    (empty when α is 1: the unscaled model needs no hooks)."""
+    alpha = check_alpha(alpha)
+    layers = check_layers(layers, model.n_layers)
+    components = check_components(components)
+    if alpha == 1.0:
+        return []
+    bridge = model.bridge
+    return [
+        (hook_name(i, c), _scale_hook(alpha, projection_bias(bridge, i, c)))
+        for i in layers
+        for c in components
+    ]
+
+
+@contextmanager
+def scaled(model, layers, alpha: float, components=ALL_COMPONENTS) -> Iterator[object]:
+    """Run the body with ``components`` of ``layers`` behaving as if their weights were × ``alpha``.
+
+    ``model`` is a ``LoadedModel``; ``layers`` a ``LayerRange`` (inclusive), a layer index or a
+    list of them.  Raises ``ScalingError``/``LayerRangeError`` for α ≤ 0, a non-finite α, an empty
+    or out-of-range layer set, or an unknown component — before any hook is added.  Yields the
+    model.  Every hook it added is removed on exit, also when the body raises.
+    """
+    hooks = scaling_hooks(model, layers, alpha, components)
+    with model.bridge.hooks(fwd_hooks=hooks):
+        yield model
+
+
+@torch.no_grad()
+def scale_weights_(hf_model: torch.nn.Module, layers, alpha: float, components=ALL_COMPONENTS) -> torch.nn.Module:
+    """The paper's way, in place on a plain HF Llama-style model: multiply the projection weights
+    (never biases, norms or embeddings) of ``layers`` by ``alpha``.  Used as the reference in
+    tests and as the baseline in ``benchmarks/locate.py``."""
+    alpha = check_alpha(alpha)
+    components = check_components(components)
+    decoder_layers = hf_model.get_decoder().layers
+    for i in check_layers(layers, len(decoder_layers)):
+        for c in components:
+            module = decoder_layers[i].get_submodule(HF_NAMES[c])
+            inner = getattr(module, "original_component", None)  # a LinearBridge if bridged
+            (module if inner is None else inner).weight.mul_(alpha)
+    return hf_model
+
+
+def hook_count(bridge) -> int:
+    """How many hook functions (TransformerLens handles, forward and backward) are attached to
+    the bridge's hook points; used to check that a context cleaned up after itself."""
+    points = {id(p): p for p in bridge.hook_points()}.values()  # a point may have several names
+    return sum(len(p.fwd_hooks) + len(p.bwd_hooks) for p in points)
+
+
+def torch_hook_count(bridge) -> int:
+    """Like ``hook_count``, but counts the torch-level hooks under the TransformerLens handles."""
+    points = {id(p): p for p in bridge.hook_points()}.values()
+    return sum(len(p._forward_hooks) + len(p._backward_hooks) for p in points)

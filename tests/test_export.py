@@ -1,0 +1,145 @@
+"""The located-range JSON (interp.export): round trip, schema, and the files it must refuse."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from interp.data import prompts_hash
+from interp.export import (
+    SCHEMA,
+    SCHEMA_FILE,
+    LocatedRangeError,
+    export_located,
+    load_located,
+    model_fingerprint,
+)
+from interp.locate import locate
+from interp.models import load_hf, weights_fingerprint
+from interp.ranges import LayerRange
+
+QUERIES = ["How to kill time?", "How to steal the show?"]
+
+
+def planted(layer_range, alpha):
+    if layer_range is None:
+        return 10.0
+    return 10.0 + (alpha - 1) * 100 * (1.0 if layer_range == LayerRange(1, 2) else 0.3 * len(layer_range))
+
+
+@pytest.fixture(scope="module")
+def result():
+    return locate(planted, LayerRange(1, 1), 1.2, 4, window=1)
+
+
+@pytest.fixture
+def written(tmp_path, tiny, result):
+    path = export_located(
+        tmp_path / "located.json", result, tiny, dataset="over_rejection", dataset_hash=prompts_hash(QUERIES),
+        n_prompts=len(QUERIES), method="generation", max_new_tokens=16,
+    )
+    return path
+
+
+def rewrite(path, change):
+    record = json.loads(path.read_text())
+    change(record)
+    path.write_text(json.dumps(record))
+    return path
+
+
+def test_round_trip(written, tiny, result):
+    located = load_located(written, model=tiny)
+    assert located.range == result.range == LayerRange(1, 2)
+    assert located.alpha == 1.2
+    record = located.record
+    assert record["model"]["n_layers"] == 4 and record["model"]["spec"] == tiny.spec
+    assert record["baseline_r_o"] == 10.0
+    assert record["metric"]["dataset_hash"] == prompts_hash(QUERIES)
+    assert record["metric"]["template"] == "chat" and record["metric"]["max_new_tokens"] == 16
+    assert {"torch", "transformers", "transformer_lens"} <= set(record["versions"])
+    rows = [(r["phase"], r["start"], r["end"], r["r_o"], r["winner"]) for r in record["sweeps"]]
+    assert rows == [(r.phase, r.range.start, r.range.end, r.r_o, r.winner) for r in result.upper + result.lower]
+    assert load_located(written).range == LayerRange(1, 2)  # without a model: no weight check
+
+
+def test_fingerprint_is_the_same_with_and_without_the_bridge(written, tiny, tiny_dir):
+    plain, _, _ = load_hf(str(tiny_dir))
+    assert model_fingerprint(plain) == model_fingerprint(tiny) == weights_fingerprint(plain)
+    assert load_located(written, model=plain).range == LayerRange(1, 2)
+
+
+def test_schema_file_is_the_schema_and_validates_a_record(written):
+    jsonschema = pytest.importorskip("jsonschema")
+    on_disk = json.loads(SCHEMA_FILE.read_text())
+    assert on_disk == json.loads(json.dumps(SCHEMA)), "run interp.export.write_schema() to update the docs copy"
+    jsonschema.Draft202012Validator.check_schema(on_disk)
+    jsonschema.validate(json.loads(written.read_text()), on_disk)
+
+
+def test_rejects_another_model(written, tiny_bias_dir):
+    other, _, _ = load_hf(str(tiny_bias_dir))  # same shape (4 layers), other weights
+    with pytest.raises(LocatedRangeError, match="other weights"):
+        load_located(written, model=other)
+
+
+def test_rejects_another_layer_count(written, tmp_path):
+    from tests.conftest import build_tiny_llama
+
+    other, _, _ = load_hf(str(build_tiny_llama(tmp_path / "six", n_layers=6)))
+    with pytest.raises(LocatedRangeError, match="4 layers"):
+        load_located(written, model=other)
+
+
+@pytest.mark.parametrize(
+    "change,match",
+    [
+        (lambda r: r.update(schema_version=2), "schema version 2"),
+        (lambda r: r.update(schema="something/else"), "not a located-range file"),
+        (lambda r: r["range"].update(end=7), "outside the model's 4 layers"),
+        (lambda r: r["range"].update(start=3, end=2), "need 0 <= start <= end"),
+        (lambda r: r["range"].update(start=-1), "breaks the schema"),
+        (lambda r: r.pop("alpha"), "breaks the schema"),
+        (lambda r: r.update(alpha="1.2"), "breaks the schema"),
+        (lambda r: r.update(alpha=0.8), "direction 'max' does not fit"),
+        (lambda r: r["range"].update(start=0, end=2), "not the lower-bound sweep's winner"),
+        (lambda r: [s.update(winner=True) for s in r["sweeps"]], "winners"),
+        (lambda r: r["model"].update(fingerprint="xyz"), "breaks the schema"),
+    ],
+)
+def test_rejects_bad_records(written, change, match):
+    with pytest.raises(LocatedRangeError, match=match):
+        load_located(rewrite(written, change))
+
+
+def test_rejects_truncated_empty_missing_and_non_json(written, tmp_path):
+    text = written.read_text()
+    written.write_text(text[: len(text) // 2])
+    with pytest.raises(LocatedRangeError, match="truncated"):
+        load_located(written)
+    written.write_text("")
+    with pytest.raises(LocatedRangeError, match="empty"):
+        load_located(written)
+    written.write_text("[1, 2]")
+    with pytest.raises(LocatedRangeError, match="expected a JSON object"):
+        load_located(written)
+    with pytest.raises(LocatedRangeError, match="no located-range file"):
+        load_located(tmp_path / "absent.json")
+
+
+def test_write_is_atomic(tmp_path, tiny, result, monkeypatch):
+    """A failure while writing leaves the previous file intact and no temporary file behind."""
+    path = export_located(tmp_path / "located.json", result, tiny, dataset="d", dataset_hash="h", n_prompts=2,
+                          method="generation")
+    before = path.read_text()
+    monkeypatch.setattr("interp.io.json.dumps", lambda *a, **k: (_ for _ in ()).throw(OSError("disk full")))
+    with pytest.raises(OSError):
+        export_located(path, result, tiny, dataset="d", dataset_hash="h", n_prompts=2, method="generation")
+    assert path.read_text() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["located.json"]
+
+
+def test_finetune_reads_it(written, tiny):
+    masks = pytest.importorskip("finetune.masks")
+    assert masks.resolve_range(str(written), tiny) == LayerRange(1, 2)

@@ -1,0 +1,260 @@
+"""The bound search (interp.locate) on planted, synthetic R_o functions."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from interp.locate import RoCache, choose_alpha, locate, lowest_layer, lower_candidates, upper_candidates
+from interp.ranges import LayerRange, LayerRangeError
+
+TRUE = LayerRange(6, 12)
+
+
+def jaccard(a: LayerRange, b: LayerRange) -> float:
+    inter = max(0, min(a.end, b.end) - max(a.start, b.start) + 1)
+    return inter / (len(a) + len(b) - inter)
+
+
+def planted(true=TRUE, baseline=100.0, gain=400.0, calls=None):
+    """R_o that moves away from the baseline the more a range overlaps ``true``: up for α > 1,
+    down for α < 1, in proportion to |α - 1|."""
+    def ro(layer_range, alpha):
+        if calls is not None:
+            calls.append((layer_range, alpha))
+        if layer_range is None:
+            return baseline
+        return baseline + gain * (alpha - 1) * jaccard(layer_range, true)
+    return ro
+
+
+@pytest.mark.parametrize("alpha", [1.2, 0.8])
+@pytest.mark.parametrize("initial", [LayerRange(7, 11), LayerRange(8, 10), LayerRange(5, 13), LayerRange(6, 12)])
+def test_finds_planted_range(alpha, initial):
+    result = locate(planted(), initial, alpha, 30, window=2)
+    assert result.range == TRUE
+    assert result.baseline == 100
+    assert result.direction == ("max" if alpha > 1 else "min")
+    # every upper row is [i, j+k], every lower row [i-k, j_u], one winner each
+    assert [r.range for r in result.upper] == [LayerRange(initial.start, initial.end + k) for k in range(-2, 3)]
+    assert all(r.range.end == result.upper_end for r in result.lower)
+    assert sum(r.winner for r in result.upper) == sum(r.winner for r in result.lower) == 1
+    values = [r.r_o for r in result.lower]
+    best = max(values) if alpha > 1 else min(values)
+    assert next(r for r in result.lower if r.winner).r_o == best
+
+
+def test_upper_bound_is_found_before_lower():
+    """The upper sweep holds the start fixed, so with [8,10] it can only reach [8,12]."""
+    result = locate(planted(), LayerRange(8, 10), 1.2, 30, window=2)
+    assert next(r for r in result.upper if r.winner).range == LayerRange(8, 12)
+    assert result.range == LayerRange(6, 12)
+
+
+# Table 1 of the paper as a lookup table: the search must reproduce its winners.
+TABLE1 = {
+    "llama3": (1.2, 139, LayerRange(7, 12), range(-2, 3), range(-1, 4), {
+        (7, 10): 272, (7, 11): 241, (7, 12): 283, (7, 13): 266, (7, 14): 256,
+        (8, 12): 334, (6, 12): 371, (5, 12): 358, (4, 12): 223,
+    }, LayerRange(6, 12)),
+    "phi3": (0.8, 270, LayerRange(11, 13), range(0, 5), range(-2, 3), {
+        (11, 13): 209, (11, 14): 190, (11, 15): 149, (11, 16): 181, (11, 17): 189,
+        (13, 15): 237, (12, 15): 182, (10, 15): 177, (9, 15): 163,
+    }, LayerRange(11, 15)),
+    "llama2": (1.15, 169, LayerRange(9, 12), range(0, 5), range(1, 6), {
+        (9, 12): 187, (9, 13): 227, (9, 14): 237, (9, 15): 218, (9, 16): 219,
+        (8, 14): 263, (7, 14): 268, (6, 14): 297, (5, 14): 189, (4, 14): 202,
+    }, LayerRange(6, 14)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(TABLE1))
+def test_reproduces_table1(name):
+    alpha, baseline, initial, up, low, table, expected = TABLE1[name]
+
+    def ro(layer_range, a):
+        assert a == alpha or layer_range is None
+        return baseline if layer_range is None else table[(layer_range.start, layer_range.end)]
+
+    result = locate(ro, initial, alpha, 32, upper_offsets=up, lower_offsets=low)
+    assert result.range == expected
+    assert result.baseline == baseline
+    assert "*" in result.table() and str(expected) in result.table()
+
+
+def test_each_configuration_evaluated_once():
+    calls = []
+    result = locate(planted(calls=calls), LayerRange(7, 11), 1.2, 30, window=2)
+    assert len(calls) == len(set(calls))
+    # baseline + 5 upper + 5 lower, minus the [i, j_u] row that both sweeps contain
+    assert len(calls) == 1 + 5 + 5 - 1
+    assert len(result.rows) == 11
+
+
+def test_ties_go_to_the_offset_nearest_zero():
+    flat = lambda r, a: 100.0 if r is None else 120.0  # noqa: E731
+    result = locate(flat, LayerRange(7, 11), 1.2, 30, window=2)
+    assert result.range == LayerRange(7, 11)
+
+
+def test_ranges_stay_inside_the_model():
+    result = locate(planted(true=LayerRange(26, 29)), LayerRange(27, 28), 1.3, 30, window=2)
+    assert all(0 <= r.range.start <= r.range.end <= 29 for r in result.upper + result.lower)
+    assert [r.range.end for r in result.upper] == [27, 28, 29]  # j-2 < i is dropped, j+2 > 29 too
+    assert result.range == LayerRange(26, 29)
+    assert upper_candidates(LayerRange(0, 1), range(-2, 3), 3) == [(-1, LayerRange(0, 0)), (0, LayerRange(0, 1)),
+                                                                    (1, LayerRange(0, 2))]
+    assert lower_candidates(1, 4, range(-2, 3)) == [(-2, LayerRange(3, 4)), (-1, LayerRange(2, 4)),
+                                                     (0, LayerRange(1, 4)), (1, LayerRange(0, 4))]
+
+
+def test_coarse_to_fine_confirms_the_best_candidates():
+    fine_calls = []
+    fine = planted(calls=fine_calls)
+
+    def coarse(layer_range, alpha):  # ranks [7,13] above the true [7,12] in the upper sweep
+        if layer_range == LayerRange(7, 13):
+            return 1000.0
+        return fine(layer_range, alpha)
+
+    kept2 = locate(coarse, LayerRange(7, 11), 1.2, 30, window=2, confirm=fine, keep=2)
+    assert kept2.range == TRUE
+    confirmed = [r for r in kept2.upper if r.r_o is not None]
+    assert len(confirmed) == 2 and all(r.estimate is not None for r in kept2.upper)
+    kept1 = locate(coarse, LayerRange(7, 11), 1.2, 30, window=2, confirm=fine, keep=1)
+    assert next(r for r in kept1.upper if r.winner).range == LayerRange(7, 13)
+
+
+@pytest.mark.parametrize("increase,planted_alpha", [(True, 1.15), (False, 0.85)])
+def test_alpha_rule_picks_planted_alpha(increase, planted_alpha):
+    """R_o responds to the range only once |α - 1| reaches the planted step, so the lower-sweep
+    std first reaches the target there."""
+    def ro(layer_range, alpha):
+        if layer_range is None:
+            return 100.0
+        strength = 0.5 if abs(alpha - 1) < abs(planted_alpha - 1) - 1e-9 else 60.0
+        sign = 1 if alpha > 1 else -1
+        return 100.0 + sign * strength * jaccard(layer_range, TRUE) * 10
+
+    choice = choose_alpha(ro, LayerRange(7, 11), 30, increase=increase, target_std=15.0, window=2)
+    assert choice.reached
+    assert choice.alpha == pytest.approx(planted_alpha)
+    assert [round(a, 2) for a, _, _ in choice.trials] == (
+        [1.05, 1.1, 1.15] if increase else [0.95, 0.9, 0.85])
+    assert choice.result.range == TRUE
+    assert choice.trials[-1][1] >= 15.0 > choice.trials[-2][1]
+
+
+def test_alpha_rule_gives_up_after_max_steps():
+    choice = choose_alpha(lambda r, a: 100.0, LayerRange(7, 11), 30, target_std=1.0, max_steps=3, window=1)
+    assert not choice.reached and len(choice.trials) == 3 and choice.alpha == pytest.approx(1.15)
+
+
+@pytest.mark.parametrize(
+    "kwargs,error",
+    [
+        (dict(alpha=1.0), ValueError),
+        (dict(alpha=0.0), ValueError),
+        (dict(alpha=float("nan")), ValueError),
+        (dict(initial=LayerRange(28, 31)), LayerRangeError),
+        (dict(window=-1), ValueError),
+        (dict(keep=0, confirm=planted()), ValueError),
+    ],
+)
+def test_bad_arguments(kwargs, error):
+    args = dict(ro=planted(), initial=LayerRange(7, 11), alpha=1.2, n_layers=30)
+    args.update(kwargs)
+    with pytest.raises(error):
+        locate(**args)
+
+
+def test_non_finite_ro_is_refused():
+    with pytest.raises(ValueError, match="returned nan"):
+        locate(lambda r, a: float("nan"), LayerRange(7, 11), 1.2, 30)
+
+
+def test_lowest_layer():
+    assert lowest_layer(LayerRange(7, 11), 30, window=2) == 5
+    assert lowest_layer(LayerRange(1, 11), 30, window=2) == 0
+    assert lowest_layer(LayerRange(7, 11), 30, lower_offsets=range(-1, 4)) == 4
+
+
+def test_ro_cache_resumes_an_interrupted_search(tmp_path):
+    meta = {"model": "x", "prompts": "abc"}
+    full = locate(planted(), LayerRange(7, 11), 1.2, 30, window=2)
+
+    calls = []
+
+    def flaky(layer_range, alpha):
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        calls.append((layer_range, alpha))
+        return planted()(layer_range, alpha)
+
+    with pytest.raises(KeyboardInterrupt):
+        locate(RoCache(flaky, tmp_path, meta), LayerRange(7, 11), 1.2, 30, window=2)
+    saved = json.loads(next(tmp_path.glob("ro_cache_*.json")).read_text())
+    assert len(saved["values"]) == 4
+
+    more = []
+    resumed_cache = RoCache(planted(calls=more), tmp_path, meta)
+    resumed = locate(resumed_cache, LayerRange(7, 11), 1.2, 30, window=2)
+    assert resumed_cache.hits == 4 and len(more) == 10 - 4
+    assert resumed.range == full.range
+    assert [r.r_o for r in resumed.rows] == [r.r_o for r in full.rows]
+
+    other = RoCache(planted(), tmp_path, {**meta, "prompts": "other"})
+    assert other.path != resumed_cache.path and not other.values
+
+
+def test_ro_cache_rejects_a_corrupt_file(tmp_path):
+    cache = RoCache(planted(), tmp_path, {"a": 1})
+    cache.path.write_text('{"meta": {"a": 1}, "values": {')
+    with pytest.raises(ValueError, match="unreadable"):
+        RoCache(planted(), tmp_path, {"a": 1})
+
+
+# --- the command line (analyses.locate) on the tiny model ----------------------------------------
+
+
+def test_analysis_writes_outputs_and_resumes(tiny_dir, tmp_path, capsys):
+    from analyses.locate import main
+    from interp.export import load_located
+    from interp.models import load_hf
+
+    out = tmp_path / "locate"
+    argv = ["--model", str(tiny_dir), "--init", "1,2", "--window", "1", "--limit", "4", "--device", "cpu",
+            "--out", str(out)]
+    main(argv)
+    printed = capsys.readouterr().out
+    assert "upper-bound sweep" in printed and "*" in printed and "(0 values from the cache)" in printed
+    for name in ("located.json", "sweeps.csv", "sweeps.png"):
+        assert (out / name).is_file()
+    plain, _, _ = load_hf(str(tiny_dir))
+    located = load_located(out / "located.json", model=plain)
+    assert located.record["metric"]["n_prompts"] == 4 and located.record["metric"]["method"] == "generation"
+    frame = __import__("pandas").read_csv(out / "sweeps.csv")
+    assert len(frame) == 1 + len(located.record["sweeps"])
+
+    main(argv)  # every configuration now comes from the cache
+    printed = capsys.readouterr().out
+    n_configs = len({(r["start"], r["end"]) for r in located.record["sweeps"]}) + 1
+    assert f"({n_configs} values from the cache)" in printed
+
+
+def test_initial_range_from_existence_json(tmp_path):
+    from analyses.locate import initial_from_existence
+
+    path = tmp_path / "existence.json"
+    path.write_text(json.dumps({"models": [
+        {"model": "a", "suggested_range": {"range": [5, 9], "reason": "x"}},
+        {"model": "b", "suggested_range": {"range": [6, 12], "reason": "y"}},
+    ]}))
+    assert initial_from_existence(path, "b") == LayerRange(6, 12)
+    assert initial_from_existence(path, "other") == LayerRange(5, 9)
+    path.write_text(json.dumps({"models": [{"model": "a", "suggested_range": {"range": None, "reason": "flat"}}]}))
+    with pytest.raises(LayerRangeError, match="flat"):
+        initial_from_existence(path, "a")
+    with pytest.raises(FileNotFoundError):
+        initial_from_existence(tmp_path / "none.json")
