@@ -19,6 +19,7 @@ $(STAMP): setup.cfg pyproject.toml
 setup: $(STAMP)
 
 demo: setup
+	$(PY) -m analyses.model_card --model embedded
 	$(PY) -m analyses.demo $(DEMO_ARGS)
 
 test: setup
