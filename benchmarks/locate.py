@@ -16,7 +16,8 @@ Printed: the time of one R_o evaluation and of a whole sweep (baseline + both bo
 the per-prompt verdicts).  ``--baseline-n`` runs the paper's method on the first N prompts only
 and scales its time to ``--n`` (its cost is linear in the prompts: one at a time); the paper's
 whole sweep is its per-configuration time times the number of configurations unless
-``--full-baseline-sweep`` runs it.
+``--full-baseline-sweep`` runs it.  Times are wall-clock and CPU seconds of this process: on a
+shared machine the wall time swings with others' load, the CPU time much less.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from __future__ import annotations
 import argparse
 import copy
 import time
+from dataclasses import dataclass
 
 import torch
 
@@ -55,10 +57,31 @@ def paper_method_flags(plain_hf, model, queries, layer_range, alpha, max_new_tok
     return flags
 
 
-def timed(fn, *args, **kwargs):
-    start = time.perf_counter()
+@dataclass
+class Took:
+    """Wall-clock and CPU seconds (all threads of this process) of one call.  On a shared
+    machine the wall time swings with other people's load; the CPU time barely does, so the
+    ratios are printed for both."""
+
+    wall: float
+    cpu: float
+
+    def __mul__(self, factor: float) -> "Took":
+        return Took(self.wall * factor, self.cpu * factor)
+
+    __rmul__ = __mul__
+
+    def ratio(self, other: "Took") -> str:
+        return f"{self.wall / other.wall:5.1f}x wall, {self.cpu / other.cpu:5.1f}x cpu"
+
+    def __str__(self) -> str:
+        return f"{self.wall:7.1f} s wall ({self.cpu:7.1f} s cpu)"
+
+
+def timed(fn, *args, **kwargs) -> tuple[object, Took]:
+    wall, cpu = time.perf_counter(), time.process_time()
     value = fn(*args, **kwargs)
-    return value, time.perf_counter() - start
+    return value, Took(time.perf_counter() - wall, time.process_time() - cpu)
 
 
 def sweep_configs(initial: LayerRange, n_layers: int, window: int):
@@ -101,7 +124,7 @@ def main(argv=None):
 
     # --- one R_o evaluation
     paper, t_paper = timed(paper_method_flags, plain, model, queries[:base_n], layer_range, args.alpha)
-    t_paper_n = t_paper * args.n / base_n
+    t_paper_n = t_paper * (args.n / base_n)
 
     def ours_once():
         with scaled(model, layer_range, args.alpha):
@@ -114,13 +137,12 @@ def main(argv=None):
     agree = sum(a == b for a, b in zip(paper, ours[:base_n]))
     extrapolated = f" (measured on {base_n}, scaled to {args.n})" if base_n < args.n else ""
     print("\none R_o evaluation:")
-    print(f"  paper method (copy + scale + one prompt at a time): {t_paper_n:8.1f} s{extrapolated}, "
-          f"R_o {sum(paper)}/{base_n}")
-    print(f"  hooks + shared prefix + batched generation:        {t_ours:8.1f} s  {t_paper_n / t_ours:5.1f}x, "
+    print(f"  paper method (copy + scale + one prompt at a time): {t_paper_n}{extrapolated}, R_o {sum(paper)}/{base_n}")
+    print(f"  hooks + shared prefix + batched generation:         {t_ours}  {t_paper_n.ratio(t_ours)}, "
           f"R_o {sum(ours)}/{args.n} (on the paper's {base_n}: {sum(ours[:base_n])}; "
           f"per-prompt agreement {agree}/{base_n})")
-    print(f"  first-step estimate, per configuration:             {t_est:8.1f} s  {t_paper_n / t_est:5.1f}x, "
-          f"summed mass {first.expected:.2f}, argmax count {first.count} (+ {t_build:.1f} s once to cache "
+    print(f"  first-step estimate, per configuration:             {t_est}  {t_paper_n.ratio(t_est)}, "
+          f"summed mass {first.expected:.2f}, argmax count {first.count} (+ {t_build.wall:.1f} s once to cache "
           f"layers < {start}); per-prompt agreement with generation "
           f"{int((first.argmax_opens == torch.tensor(ours)).sum())}/{args.n}")
 
@@ -131,7 +153,7 @@ def main(argv=None):
             return {c: sum(paper_method_flags(plain, model, queries[:base_n], c, args.alpha)) for c in configs}
 
         paper_counts, t_paper_sweep = timed(paper_sweep)
-        t_paper_sweep *= args.n / base_n
+        t_paper_sweep = t_paper_sweep * (args.n / base_n)
         how = "measured" + extrapolated
     else:
         paper_counts, t_paper_sweep = None, t_paper_n * len(configs)
@@ -146,10 +168,10 @@ def main(argv=None):
 
     fast, t_fast = timed(fast_sweep)
     print(f"\nwhole sweep (baseline + upper + lower, window {args.window}, {len(result.rows) - 1} scaled configurations):")
-    print(f"  paper method: {t_paper_sweep:8.1f} s ({how})")
-    print(f"  generation:   {t_sweep:8.1f} s  {t_paper_sweep / t_sweep:5.1f}x, located {result.range}")
-    print(f"  fast (first-step estimate, best 2 per sweep confirmed): {t_fast:8.1f} s  "
-          f"{t_paper_sweep / t_fast:5.1f}x, located {fast.range}")
+    print(f"  paper method: {t_paper_sweep} ({how})")
+    print(f"  generation:   {t_sweep}  {t_paper_sweep.ratio(t_sweep)}, located {result.range}")
+    print(f"  fast (first-step estimate, best 2 per sweep confirmed): {t_fast}  "
+          f"{t_paper_sweep.ratio(t_fast)}, located {fast.range}")
     print(result.table())
     print(fast.table())
     if paper_counts is not None and base_n == args.n:
