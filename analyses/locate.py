@@ -69,7 +69,9 @@ def initial_from_existence(path: str | Path, spec: str | None = None) -> LayerRa
     there is one, else the first model's)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"no existence result at {path}; run `python -m analyses.existence` or pass --init START,END")
+        raise FileNotFoundError(
+            f"no existence result at {path}; run `python -m analyses.existence` or pass --init START,END"
+        )
     try:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as err:
@@ -224,7 +226,8 @@ def write_outputs(out: Path, run: dict, model, queries, args, components) -> lis
         frame = pd.concat([r.to_frame().assign(trial_alpha=a) for a, _, r in choice.trials], ignore_index=True)
     written.append(atomic_write_csv(out / "sweeps.csv", frame))
     label = "summed first-step refusal mass" if args.estimate_only else "R_o (generated)"
-    fig = plot_sweeps(result, f"{model.spec}: alpha {result.alpha:g}, {len(queries)} prompts, {run['method_name']}", label)
+    title = f"{model.spec}: alpha {result.alpha:g}, {len(queries)} prompts, {run['method_name']}"
+    fig = plot_sweeps(result, title, label)
     written.append(atomic_savefig(out / "sweeps.png", fig))
     plt.close(fig)
     return written

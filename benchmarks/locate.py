@@ -167,7 +167,8 @@ def main(argv=None):
                       confirm=generation_ro(model, queries, batch_size=args.batch_size), keep=2)
 
     fast, t_fast = timed(fast_sweep)
-    print(f"\nwhole sweep (baseline + upper + lower, window {args.window}, {len(result.rows) - 1} scaled configurations):")
+    print(f"\nwhole sweep (baseline + upper + lower, window {args.window}, "
+          f"{len(result.rows) - 1} scaled configurations):")
     print(f"  paper method: {t_paper_sweep} ({how})")
     print(f"  generation:   {t_sweep}  {t_paper_sweep.ratio(t_sweep)}, located {result.range}")
     print(f"  fast (first-step estimate, best 2 per sweep confirmed): {t_fast}  "

@@ -113,7 +113,8 @@ SCHEMA: dict = {
             "additionalProperties": True,
             "properties": {
                 "name": {"const": "R_o"},
-                "method": {"type": "string", "description": "generation, first_step_mass, first_step_count, or coarse:fine"},
+                "method": {"type": "string",
+                           "description": "generation, first_step_mass, first_step_count, or coarse:fine"},
                 "dataset": {"type": "string"},
                 "dataset_hash": {"type": "string", "description": "interp.data.prompts_hash of the prompts used"},
                 "n_prompts": {"type": "integer", "minimum": 1},

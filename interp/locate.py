@@ -17,7 +17,9 @@ once: the lower sweep's ``k = 0`` row reuses the upper sweep's winner.
 
 *Coarse to fine.*  With ``confirm=fine_ro`` every candidate is first scored by ``ro`` (e.g. the
 first-step estimate, ``estimate_ro``), and only the ``keep`` best of each sweep are measured by
-``fine_ro`` (e.g. generated R_o, ``generation_ro``); the winner is the best *confirmed* row.
+``fine_ro`` (e.g. generated R_o, ``generation_ro``), together with any row whose fine value is
+already known (the upper winner reappears in the lower sweep); the winner is the best
+*confirmed* row.
 
 *Choosing α* (App. A.3.4): ``choose_alpha`` steps α away from 1 by 0.05 and runs the search at
 each α until the standard deviation of R_o over the lower-bound sweep first reaches a target
@@ -117,7 +119,9 @@ class LocateResult:
                 cells.append(f"{r.range} {value}{'*' if r.winner else ''}")
             return ", ".join(cells)
 
-        base = _num(self.baseline) + ("" if self.baseline_estimate is None else f" (est {_num(self.baseline_estimate)})")
+        base = _num(self.baseline)
+        if self.baseline_estimate is not None:
+            base += f" (est {_num(self.baseline_estimate)})"
         return "\n".join([
             f"alpha {self.alpha:g} ({self.direction} R_o), initial {self.initial}, baseline R_o {base}",
             f"  upper-bound sweep: {fmt(self.upper)}",
@@ -171,8 +175,15 @@ class _Memo:
     def __init__(self, fn: RoFunction):
         self.fn, self.values = fn, {}
 
+    @staticmethod
+    def key(layer_range: LayerRange | None, alpha: float):
+        return layer_range, (alpha if layer_range is not None else 1.0)
+
+    def known(self, layer_range: LayerRange | None, alpha: float) -> bool:
+        return self.key(layer_range, alpha) in self.values
+
     def __call__(self, layer_range: LayerRange | None, alpha: float) -> float:
-        key = (layer_range, alpha if layer_range is not None else 1.0)
+        key = self.key(layer_range, alpha)
         if key not in self.values:
             self.values[key] = _finite(self.fn(layer_range, alpha), f"{layer_range} x {alpha}")
         return self.values[key]
@@ -185,9 +196,12 @@ def _sweep(phase, candidates, alpha, ro: _Memo, confirm: _Memo | None, keep: int
         rows = [SweepRow(phase, r, alpha, k, ro(r, alpha)) for k, r in candidates]
     else:
         coarse = [SweepRow(phase, r, alpha, k, None, ro(r, alpha)) for k, r in candidates]
-        ranked = _rank(coarse, alpha)[:keep]
+        # the best `keep` by the coarse score, plus any row already confirmed (e.g. the lower
+        # sweep's k = 0 row, the upper sweep's winner): it costs nothing and may well win
+        known = {n for n, c in enumerate(coarse) if confirm.known(c.range, alpha)}
+        chosen = set(_rank(coarse, alpha)[:keep]) | known
         rows = [
-            SweepRow(phase, c.range, alpha, c.offset, confirm(c.range, alpha), c.estimate) if n in ranked else c
+            SweepRow(phase, c.range, alpha, c.offset, confirm(c.range, alpha), c.estimate) if n in chosen else c
             for n, c in enumerate(coarse)
         ]
     win = _best(rows, alpha)
@@ -313,7 +327,9 @@ def generation_ro(model, queries: list[str], *, components=ALL_COMPONENTS, templ
 
     def ro(layer_range, alpha):
         with _scaling(model, layer_range, alpha, components):
-            return count_over_rejection(model, queries, prompts=prompts, template=template, progress=progress, **flag_kwargs)
+            return count_over_rejection(
+                model, queries, prompts=prompts, template=template, progress=progress, **flag_kwargs
+            )
 
     return ro
 

@@ -16,7 +16,10 @@ the greedy first token is one of them (``argmax_opens``).  The summed mass is a 
 of R_o and the count of argmax flags a hard one.  Both over-count ("I" also opens "I'd be happy
 to ..."), so their agreement with generated R_o is *measured* (``compare_estimate``: Pearson r
 across configurations, per-prompt agreement), not assumed: use them to rank configurations in a
-coarse search, then confirm the best ones by generation (``interp.locate``).
+coarse search, then confirm the best ones by generation (``interp.locate``).  Measured on the
+aligned SmolLM2 (first 64 queries, 10 scaled configurations): Pearson r 0.72 (mass) and 0.75
+(count) with generated R_o, per-prompt agreement 79%; within one sweep around [7,19] only
+r = 0.37, because this model's "I'm not sure." opens with the same "I" as its refusals.
 
 **What is computed once and reused.**
 
@@ -245,7 +248,9 @@ def count_over_rejection(model, queries: list[str], **kwargs) -> int:
     return int(sum(refusal_flags(model, queries, **kwargs)))
 
 
-def over_rejection_at(model, queries: list[str], layers=None, alpha: float = 1.0, components=ALL_COMPONENTS, **kwargs) -> int:
+def over_rejection_at(
+    model, queries: list[str], layers=None, alpha: float = 1.0, components=ALL_COMPONENTS, **kwargs
+) -> int:
     """R_o with ``layers`` scaled by ``alpha`` (``layers=None``: the unscaled model)."""
     with _scaling(model, layers, alpha, components):
         return count_over_rejection(model, queries, **kwargs)

@@ -126,6 +126,28 @@ def test_coarse_to_fine_confirms_the_best_candidates():
     assert next(r for r in kept1.upper if r.winner).range == LayerRange(7, 13)
 
 
+def test_coarse_to_fine_keeps_the_confirmed_upper_winner_in_the_lower_sweep():
+    """The lower sweep's k = 0 row is the upper winner, already confirmed: it must compete even
+    when the coarse score ranks it below `keep` others (seen on the real model)."""
+    fine_values = {LayerRange(7, 12): 50.0, LayerRange(6, 12): 20.0, LayerRange(5, 12): 10.0}
+
+    def fine(layer_range, alpha):
+        return 0.0 if layer_range is None else fine_values.get(layer_range, 1.0)
+
+    def coarse(layer_range, alpha):
+        if layer_range is None:
+            return 0.0
+        if layer_range == LayerRange(7, 12):
+            return 30.0  # best of the upper sweep, but third of the lower one
+        return {LayerRange(6, 12): 40.0, LayerRange(5, 12): 35.0}.get(layer_range, 1.0)
+
+    result = locate(coarse, LayerRange(7, 11), 1.2, 30, window=2, confirm=fine, keep=2)
+    assert next(r for r in result.upper if r.winner).range == LayerRange(7, 12)
+    confirmed = {r.range: r.r_o for r in result.lower if r.r_o is not None}
+    assert confirmed == {LayerRange(7, 12): 50.0, LayerRange(6, 12): 20.0, LayerRange(5, 12): 10.0}
+    assert result.range == LayerRange(7, 12)
+
+
 @pytest.mark.parametrize("increase,planted_alpha", [(True, 1.15), (False, 0.85)])
 def test_alpha_rule_picks_planted_alpha(increase, planted_alpha):
     """R_o responds to the range only once |α - 1| reaches the planted step, so the lower-sweep
