@@ -30,9 +30,9 @@ from dataclasses import dataclass
 import torch
 
 from interp.locate import estimate_ro, generation_ro, locate, lowest_layer
-from interp.overrejection import FirstStepEstimator, end_token_ids, over_rejection_prompts, refusal_flags
+from interp.overrejection import FirstStepEstimator, over_rejection_prompts, refusal_flags
 from interp.ranges import LayerRange
-from interp.refusal import is_refusal
+from interp.refusal import end_token_ids, is_refusal
 from interp.scaling import ALL_COMPONENTS, scale_weights_, scaled
 
 

@@ -12,12 +12,11 @@ model=None)`` reads it back as a ``LocatedRange`` and refuses, with a message th
   with the range);
 - with ``model``: a record made for other weights (fingerprint) or another layer count.
 
-The fingerprint is ``weights_fingerprint`` of the model's *plain* Hugging Face state dict
-(``plain_state_dict``): the bridge re-registers each wrapped module under
-``_original_component``, adds alias entries and a zero unembedding bias, so the state dict of a
-bridged model differs from that of the same weights loaded without the bridge
-(``interp.models.load_hf``, what fine-tuning uses; ``LoadedModel.fingerprint()`` hashes the
-bridged one).  Naming the tensors as Hugging Face does makes both agree.
+The fingerprint is ``interp.models.weights_fingerprint``, which hashes the model's *plain*
+Hugging Face state dict (``interp.models.plain_state_dict``): the bridge re-registers each
+wrapped module under ``_original_component``, adds alias entries and a zero unembedding bias,
+so naming the tensors as Hugging Face does makes a bridged model and the same weights loaded
+without the bridge (``interp.models.load_hf``) agree.
 """
 
 from __future__ import annotations
@@ -154,41 +153,6 @@ class LocatedRange:
 # --- fingerprint ---------------------------------------------------------------------------------
 
 
-def plain_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The state dict a model has without TransformerLens's bridge: inside a bridge component
-    only its ``_original_component`` is followed (the bridge's alias submodules are skipped), and
-    that level of the name is dropped.  All-zero biases are left out: the bridge gives the
-    unembedding a zero bias (TransformerLens's ``b_U``) that the plain model lacks, and a zero
-    bias computes the same as none."""
-    out: dict[str, torch.Tensor] = {}
-
-    def walk(mod, prefix):
-        wrapped = mod._modules.get("_original_component")
-        if wrapped is not None:
-            walk(wrapped, prefix)
-            return
-        tensors = list(mod._parameters.items()) + [
-            (name, b) for name, b in mod._buffers.items() if name not in mod._non_persistent_buffers_set
-        ]
-        for name, t in tensors:
-            if t is not None and not (name == "bias" and not t.detach().any()):
-                out[prefix + name] = t
-        for name, child in mod._modules.items():
-            if child is not None:
-                walk(child, f"{prefix}{name}.")
-
-    walk(module, "")
-    return out
-
-
-class _StateDictView:
-    def __init__(self, state):
-        self._state = state
-
-    def state_dict(self):
-        return self._state
-
-
 def model_fingerprint(model) -> str:
     """``weights_fingerprint`` of a model's plain HF state dict: the same for a ``LoadedModel``
     and for the same weights loaded without the bridge (module docstring)."""
@@ -197,7 +161,7 @@ def model_fingerprint(model) -> str:
     hf = getattr(model, "hf_model", model)
     if not isinstance(hf, torch.nn.Module):
         raise TypeError(f"cannot fingerprint {type(model).__name__}: need a LoadedModel or a torch module")
-    return weights_fingerprint(_StateDictView(plain_state_dict(hf)))
+    return weights_fingerprint(hf)
 
 
 def _n_layers(model) -> int:

@@ -124,11 +124,40 @@ class LoadedModel:
         return weights_fingerprint(self.hf_model)
 
 
+def plain_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict a model has without TransformerLens's bridge: inside a bridge component
+    only its ``_original_component`` is followed (the bridge's alias submodules are skipped), and
+    that level of the name is dropped.  All-zero biases are left out: the bridge gives the
+    unembedding a zero bias (TransformerLens's ``b_U``) that the plain model lacks, and a zero
+    bias computes the same as none."""
+    out: dict[str, torch.Tensor] = {}
+
+    def walk(mod, prefix):
+        wrapped = mod._modules.get("_original_component")
+        if wrapped is not None:
+            walk(wrapped, prefix)
+            return
+        tensors = list(mod._parameters.items()) + [
+            (name, b) for name, b in mod._buffers.items() if name not in mod._non_persistent_buffers_set
+        ]
+        for name, t in tensors:
+            if t is not None and not (name == "bias" and not t.detach().any()):
+                out[prefix + name] = t
+        for name, child in mod._modules.items():
+            if child is not None:
+                walk(child, f"{prefix}{name}.")
+
+    walk(module, "")
+    return out
+
+
 def weights_fingerprint(model: torch.nn.Module) -> str:
     """A cheap, stable hash of a model's weights: every tensor's name, shape, sum and a
-    strided sample of its values.  Distinguishes checkpoints without hashing gigabytes."""
+    strided sample of its values.  Distinguishes checkpoints without hashing gigabytes.
+    Hashes ``plain_state_dict``, so a bridged model and the same weights loaded without the
+    bridge (``load_hf``) agree."""
     digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
+    for name, tensor in sorted(plain_state_dict(model).items()):
         flat = tensor.detach().float().flatten().cpu()
         step = max(1, flat.numel() // 257)
         digest.update(name.encode())

@@ -61,14 +61,13 @@ from tqdm.auto import tqdm
 
 from interp.activations import common_prefix_length, pad_rows
 from interp.data import load_prompts
-from interp.refusal import REFUSAL_PHRASES, generate, is_refusal
+from interp.refusal import REFUSAL_PHRASES, end_token_ids, generate, greedy_kwargs, is_refusal
 from interp.scaling import ALL_COMPONENTS, check_layers, scaled
 
 DATASET = "over_rejection"
 DEFAULT_MAX_NEW_TOKENS = 16
 """The paper's code generates 16 new tokens (``scaling.py`` L77); the paper says 4-8 suffice."""
 DEFAULT_BATCH_SIZE = 64
-END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "<|endoftext|>")
 
 
 def over_rejection_prompts(limit: int | None = None, part: str = "all", dataset: str = DATASET) -> list[str]:
@@ -97,18 +96,6 @@ def prompt_rows(model, queries: list[str], template: str | None = None) -> list[
     enc = model.encode(queries, padding_side="right", template=template)
     lengths = enc["attention_mask"].sum(1).tolist()
     return [enc["input_ids"][b, :n].cpu() for b, n in enumerate(lengths)]
-
-
-def end_token_ids(model) -> list[int]:
-    """Token ids that end an answer: EOS (tokenizer and generation config) and the end-of-turn
-    markers the vocabulary has."""
-    tok, ids = model.tokenizer, []
-    config_eos = model.hf_model.generation_config.eos_token_id
-    ids += config_eos if isinstance(config_eos, list) else [config_eos]
-    ids.append(tok.eos_token_id)
-    vocab = tok.get_vocab()
-    ids += [vocab[t] for t in END_OF_TURN if t in vocab]
-    return sorted({int(i) for i in ids if i is not None})
 
 
 def _decoder(hf_model) -> torch.nn.Module:
@@ -185,7 +172,6 @@ def greedy_texts(
     if prompts.n_prompts != len(queries):
         raise ValueError(f"prompts were built for {prompts.n_prompts} queries, got {len(queries)}")
     tok = model.tokenizer
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     end_ids = end_token_ids(model)
     kv = prefix_cache(model, prompts.prefix_ids)
     prefix = prompts.prefix_ids.to(model.device)
@@ -197,13 +183,7 @@ def greedy_texts(
             attention_mask=full_mask,
             past_key_values=broadcast_cache(model, kv, len(index)),
             max_new_tokens=max_new_tokens,
-            do_sample=False,
-            num_beams=1,
-            temperature=None,
-            top_p=None,
-            top_k=None,
-            eos_token_id=end_ids,
-            pad_token_id=pad_id,
+            **greedy_kwargs(model, end_ids),
         )
         for row, i in enumerate(index):
             generated = out[row, full_ids.shape[1]:].tolist()

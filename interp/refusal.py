@@ -217,7 +217,10 @@ def is_refusal(
     return RefusalMatcher(phrases, window, exceptions).is_refusal(text)
 
 
-def _end_token_ids(model: LoadedModel) -> list[int]:
+END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "<|endoftext|>")
+
+
+def end_token_ids(model: LoadedModel) -> list[int]:
     """EOS of the tokenizer and generation config, plus the end-of-turn markers the vocabulary
     knows (a chat answer ends with one of these rather than with EOS on some models)."""
     tok, ids = model.tokenizer, []
@@ -225,8 +228,28 @@ def _end_token_ids(model: LoadedModel) -> list[int]:
     ids += config_eos if isinstance(config_eos, list) else [config_eos]
     ids.append(tok.eos_token_id)
     vocab = tok.get_vocab()
-    ids += [vocab[t] for t in ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "<|endoftext|>") if t in vocab]
+    ids += [vocab[t] for t in END_OF_TURN if t in vocab]
     return sorted({int(i) for i in ids if i is not None})
+
+
+def greedy_kwargs(model: LoadedModel, end_ids: list[int]) -> dict:
+    """Arguments for ``hf_model.generate`` that make it plain greedy decoding, whatever the
+    model's own generation config asks for (sampling, penalties), ending at ``end_ids``."""
+    tok = model.tokenizer
+    return dict(
+        min_new_tokens=None,
+        do_sample=False,
+        num_beams=1,
+        temperature=None,
+        top_p=None,
+        top_k=None,
+        min_p=None,
+        typical_p=None,
+        repetition_penalty=None,
+        no_repeat_ngram_size=None,
+        eos_token_id=end_ids,
+        pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
+    )
 
 
 class RefusalDecided(StoppingCriteria):
@@ -295,8 +318,7 @@ def generate_token_ids(
         raise TypeError("queries must be a list of strings")
     matcher = RefusalMatcher(phrases, window, exceptions)
     tok = model.tokenizer
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    end_ids = _end_token_ids(model)
+    end_ids = end_token_ids(model)
     lengths = _prompt_lengths(model, queries, template)
     order = sorted(range(len(queries)), key=lambda i: -lengths[i])  # longest first: OOM shows early
     results: list[list[int] | None] = [None] * len(queries)
@@ -313,19 +335,8 @@ def generate_token_ids(
         out = model.hf_model.generate(
             **batch,
             max_new_tokens=max_new_tokens,
-            min_new_tokens=None,
-            do_sample=False,
-            num_beams=1,
-            temperature=None,
-            top_p=None,
-            top_k=None,
-            min_p=None,
-            typical_p=None,
-            repetition_penalty=None,
-            no_repeat_ngram_size=None,
-            eos_token_id=end_ids,
-            pad_token_id=pad_id,
             stopping_criteria=criteria,
+            **greedy_kwargs(model, end_ids),
         )
         decided = decider.decided_at if decider is not None and decider.decided_at else [-1] * len(index)
         for row, i in enumerate(index):
