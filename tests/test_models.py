@@ -107,13 +107,18 @@ def test_fingerprint_tracks_the_weights(tiny):
     assert changed != before
 
 
-def test_kv_cached_generation_through_the_bridge_matches_uncached(tiny):
+def test_kv_cached_generation_through_the_bridge_matches_uncached(embedded_base):
     """Guards the transformers pin: with transformers 5.24 the bridge's attention never saw the
-    KV cache (the kwarg was renamed), so cached generation silently ignored the prompt."""
-    batch = tiny.encode(["one two three four five", "hi"])
+    KV cache (the kwarg was renamed), so cached generation silently ignored the prompt
+    ("The-----").  Real weights: the random tiny model emits one token forever, so cached and
+    uncached would agree even with that bug."""
+    model = embedded_base
+    batch = model.encode(["What is the capital of France?", "Name a fruit."])
     kw = dict(max_new_tokens=8, do_sample=False, temperature=None, top_p=None, top_k=None,
-              pad_token_id=tiny.tokenizer.pad_token_id)
+              pad_token_id=model.tokenizer.pad_token_id)
     with torch.no_grad():
-        cached = tiny.hf_model.generate(**batch, use_cache=True, **kw)
-        uncached = tiny.hf_model.generate(**batch, use_cache=False, **kw)
+        cached = model.hf_model.generate(**batch, use_cache=True, **kw)
+        uncached = model.hf_model.generate(**batch, use_cache=False, **kw)
     assert torch.equal(cached, uncached)
+    first = model.tokenizer.decode(cached[0, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+    assert "Paris" in first
