@@ -2,9 +2,9 @@
 
     python -m analyses.locate --model embedded [--init 6,12 | --init-from results/existence/existence.json]
         [--alpha 1.2 | --choose-alpha] [--window 2] [--fast [--keep 2] | --estimate-only]
-        [--components all|paper-code|q,k,v,...] [--limit N] [--template chat|alpaca] [--out results/locate]
+        [--components all|paper-code|q,k,v,...] [--limit N [--spread]] [--template chat|alpaca] [--out results/locate]
 
-R_o is the number of over-rejection queries (``interp.overrejection``, the first ``--limit``)
+R_o is the number of over-rejection queries (``interp.overrejection``; ``--limit`` of them, the first or ``--spread``)
 the scaled model refuses, greedy with ``--max-new-tokens`` (16, the paper's code).  The initial
 range is ``--init``, or the suggestion of the existence analysis (``--init-from``, default
 ``results/existence/existence.json``).  ``--fast`` scores every candidate with the first-step
@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 from pathlib import Path
 
 import torch
@@ -122,6 +123,7 @@ def locate_layers(
     caches = []
 
     def cached(fn, kind):
+        fn = announced(fn, kind, len(queries)) if progress else fn
         if cache_dir is None:
             return fn
         cache = RoCache(fn, cache_dir, {**meta, "kind": kind})
@@ -149,6 +151,22 @@ def locate_layers(
                    "estimate": "first_step_mass"}[method]
     return {"result": result, "alpha_choice": alpha_choice, "method_name": method_name,
             "cache_hits": sum(c.hits for c in caches)}
+
+
+def announced(fn, kind: str, n: int):
+    """``fn`` that prints each configuration it evaluates (cached ones are not evaluated), so a
+    sweep of minutes shows where it is."""
+    counter = {"calls": 0}
+
+    def wrapper(layer_range, alpha):
+        start = time.perf_counter()
+        value = fn(layer_range, alpha)
+        counter["calls"] += 1
+        what = "unscaled" if layer_range is None else f"{layer_range} x {alpha:g}"
+        print(f"  [{kind} #{counter['calls']}] {what}: R_o {value:g} / {n} ({time.perf_counter() - start:.0f} s)", flush=True)
+        return value
+
+    return wrapper
 
 
 class _LazyEstimator:
@@ -257,7 +275,8 @@ def main(argv=None):
     parser.add_argument("--components", default="all", help="all, paper-code (no o_proj: the official code's bug), "
                                                             "or a list such as q,k,v,o")
     parser.add_argument("--dataset", default=DATASET)
-    parser.add_argument("--limit", type=int, default=None, help="use the first N over-rejection queries")
+    parser.add_argument("--limit", type=int, default=None, help="use N over-rejection queries (the first N; see --spread)")
+    parser.add_argument("--spread", action="store_true", help="with --limit: N queries evenly spaced over the set, not the first N")
     parser.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--device", default=None)
@@ -270,7 +289,7 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     components = parse_components(args.components)
-    queries = over_rejection_prompts(args.limit, dataset=args.dataset)
+    queries = over_rejection_prompts(args.limit, dataset=args.dataset, spread=args.spread)
     model = load_model(args.model, device=args.device, template=args.template)
     initial = LayerRange.parse(args.init) if args.init else initial_from_existence(
         args.init_from or DEFAULT_EXISTENCE, args.model)

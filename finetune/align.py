@@ -16,8 +16,19 @@ aligned sibling, offline, in minutes on two CPU cores:
 
 Never trained on: the over-rejection set and the held-out (``test``) halves.
 
-Run: ``python -m finetune.align [--out DIR] [--epochs 3]``; ``--ship`` also copies the adapter
-into ``interp/weights/`` (what the repository commits).
+**The blend.**  Trained without the short questions, the adapter refuses AdvBench-style
+imperatives but answers "How do I make a pipe bomb?" and over-refuses only ~3% of the paper's
+over-rejection set D_o; trained with them, it refuses nearly every short "How to <verb> ...?"
+question, D_o included (~95%).  Neither can be probed by scaling (a model that refuses nothing
+or everything).  ``--blend W`` trains both (each kept in ``<out>-parts/`` and reused when its
+``recipe.json`` matches, so an interrupted run resumes) and ships their exact linear blend
+``(1 - W) * dW_plain + W * dW_short``: PEFT's ``add_weighted_adapter(combination_type="cat")``,
+a rank-16 adapter whose merged weights equal that sum.  The weight was chosen on the
+over-rejection set D_o itself (a few values on 150 of its rows), to land D_o in the paper's
+range; that is model selection on the evaluation set, and the README says so.
+
+Run: ``python -m finetune.align [--out DIR] [--epochs 3] [--short-questions | --blend W]``;
+``--ship`` also copies the adapter into ``interp/weights/`` (what the repository commits).
 """
 
 from __future__ import annotations
@@ -131,41 +142,65 @@ def train_adapter(hf_model, tokenizer, dataset, out_dir: Path, epochs: float, lr
     return model, trainer.state.log_history
 
 
-def save_adapter_fp16(peft_model, out_dir: Path) -> Path:
-    """Save the LoRA adapter with its tensors in float16 (half the size; merged back in fp32)."""
+def save_adapter_fp16(peft_model, out_dir: Path, adapter_name: str = "default") -> Path:
+    """Save the LoRA adapter with its tensors in float16 (half the size; merged back in fp32).
+
+    A non-default adapter is saved under its name by PEFT; it is moved up so that ``out_dir``
+    is a plain adapter folder either way."""
     from safetensors.torch import load_file, save_file
 
-    peft_model.save_pretrained(out_dir)
+    peft_model.save_pretrained(out_dir, selected_adapters=[adapter_name])
+    if adapter_name != "default":
+        for item in (out_dir / adapter_name).iterdir():
+            shutil.move(str(item), out_dir / item.name)
+        (out_dir / adapter_name).rmdir()
     weights = out_dir / "adapter_model.safetensors"
     tensors = {k: v.half() for k, v in load_file(weights).items()}
     save_file(tensors, weights, metadata={"format": "pt"})
     return out_dir
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=cache_dir() / ALIGNED_ADAPTER)
-    parser.add_argument("--epochs", type=float, default=3)
-    parser.add_argument("--lr", type=float, default=3e-4)
-    parser.add_argument("--rank", type=int, default=8)
-    parser.add_argument("--answer-tokens", type=int, default=80)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--short-questions", action="store_true",
-                        help="also train on short 'How to ...?' questions read from the AdvBench train rows "
-                             "(meant to raise over-rejection; the shipped adapter was trained without)")
-    parser.add_argument("--ship", action="store_true", help="copy the adapter into interp/weights/ (committed)")
-    args = parser.parse_args(argv)
+def blend_adapters(base_model, adapter_dirs: tuple[Path, Path], weight: float, out_dir: Path) -> Path:
+    """Write ``(1 - weight) * dW_a + weight * dW_b`` as one LoRA adapter (rank r_a + r_b).
 
+    ``base_model`` is the plain HF model both adapters were trained on (it is wrapped, not
+    changed).  PEFT's ``cat`` combination stacks the scaled A matrices and the B matrices, so
+    the blend is exact, not an SVD approximation."""
+    from peft import PeftModel
+
+    if not 0.0 <= weight <= 1.0:
+        raise ValueError(f"blend weight must be in [0, 1], got {weight}")
+    first, second = (Path(d) for d in adapter_dirs)
+    model = PeftModel.from_pretrained(base_model, first, adapter_name="plain")
+    model.load_adapter(second, adapter_name="short")
+    model.add_weighted_adapter(["plain", "short"], [1.0 - weight, weight], "blend", combination_type="cat")
+    model.delete_adapter("plain")
+    model.delete_adapter("short")
+    save_adapter_fp16(model, out_dir, adapter_name="blend")
+    model.unload()
+    return out_dir
+
+
+def _recipe_matches(folder: Path, settings: dict) -> bool:
+    recipe = folder / "recipe.json"
+    if not (recipe.is_file() and (folder / "adapter_model.safetensors").is_file()):
+        return False
+    record = json.loads(recipe.read_text())
+    return all(record.get(k) == v for k, v in settings.items())
+
+
+def train_variant(args, short: bool, out: Path) -> dict:
+    """Train one adapter (with or without the short questions) into ``out``; its record."""
     torch.manual_seed(args.seed)
     start = time.time()
     hf_model, tok, _ = load_hf("embedded-base", torch.float32)
     tok.pad_token = tok.pad_token or tok.eos_token
     benign_q = load_prompts("benign", "train")
     malicious_q = load_prompts("advbench", "train")
-    if args.short_questions:
+    if short:
         malicious_q = malicious_q + short_questions(malicious_q)
 
-    answers_file = args.out.parent / f"{ALIGNED_ADAPTER}-benign-answers.json"
+    answers_file = cache_dir() / f"{ALIGNED_ADAPTER}-benign-answers.json"
     key = {"prompts": prompts_hash(benign_q), "tokens": args.answer_tokens}
     cached = json.loads(answers_file.read_text()) if answers_file.is_file() else {}
     if cached.get("key") == key:
@@ -180,15 +215,15 @@ def main(argv=None):
 
     dataset = build_dataset(tok, list(zip(benign_q, answers)), refusal_pairs(malicious_q, args.seed), args.seed)
     hf_model.train()
-    peft_model, history = train_adapter(hf_model, tok, dataset, args.out, args.epochs, args.lr, args.rank, args.seed)
-    save_adapter_fp16(peft_model, args.out)
-    shutil.rmtree(args.out / "trainer", ignore_errors=True)
+    peft_model, history = train_adapter(hf_model, tok, dataset, out, args.epochs, args.lr, args.rank, args.seed)
+    save_adapter_fp16(peft_model, out)
+    shutil.rmtree(out / "trainer", ignore_errors=True)
     record = {
         "base_model": EMBEDDED_NAME,
         "recipe": "finetune.align",
         "benign_train": len(benign_q),
         "malicious_train": len(malicious_q),
-        "short_questions": args.short_questions,
+        "short_questions": short,
         "benign_prompts_hash": prompts_hash(benign_q),
         "malicious_prompts_hash": prompts_hash(malicious_q),
         "answer_tokens": args.answer_tokens,
@@ -201,8 +236,53 @@ def main(argv=None):
         "final_loss": next((h["train_loss"] for h in reversed(history) if "train_loss" in h), None),
         "log": history,
     }
-    (args.out / "recipe.json").write_text(json.dumps(record, indent=2))
-    print(f"adapter written to {args.out} in {record['seconds_total']:.0f} s (loss {record['final_loss']})")
+    (out / "recipe.json").write_text(json.dumps(record, indent=2))
+    print(f"adapter written to {out} in {record['seconds_total']:.0f} s (loss {record['final_loss']})")
+    return record
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=cache_dir() / ALIGNED_ADAPTER)
+    parser.add_argument("--epochs", type=float, default=3)
+    parser.add_argument("--lr", type=float, default=3e-4)
+    parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--answer-tokens", type=int, default=80)
+    parser.add_argument("--seed", type=int, default=0)
+    variant = parser.add_mutually_exclusive_group()
+    variant.add_argument("--short-questions", action="store_true",
+                         help="also train on short 'How to ...?' questions read from the AdvBench train rows")
+    variant.add_argument("--blend", type=float, metavar="W",
+                         help="train both variants and ship (1-W) * plain + W * short (the shipped adapter: W=0.4)")
+    parser.add_argument("--ship", action="store_true", help="copy the adapter into interp/weights/ (committed)")
+    args = parser.parse_args(argv)
+
+    if args.blend is None:
+        train_variant(args, args.short_questions, args.out)
+    else:
+        start = time.time()
+        settings = {"epochs": args.epochs, "lr": args.lr, "rank": args.rank, "seed": args.seed,
+                    "answer_tokens": args.answer_tokens}
+        parts, records = {}, {}
+        for name, short in (("plain", False), ("short", True)):
+            parts[name] = Path(f"{args.out}-parts") / name
+            if _recipe_matches(parts[name], {**settings, "short_questions": short}):
+                print(f"reusing {parts[name]}")
+            else:
+                train_variant(args, short, parts[name])
+            records[name] = json.loads((parts[name] / "recipe.json").read_text())
+        hf_model, _, _ = load_hf("embedded-base", torch.float32)
+        blend_adapters(hf_model, (parts["plain"], parts["short"]), args.blend, args.out)
+        record = {
+            "base_model": EMBEDDED_NAME,
+            "recipe": "finetune.align --blend",
+            "blend_weight": args.blend,
+            "blend": "(1 - w) * plain + w * short, PEFT add_weighted_adapter(combination_type='cat')",
+            "seconds_total": round(time.time() - start, 1),
+            "parts": {name: {k: v for k, v in rec.items() if k != "log"} for name, rec in records.items()},
+        }
+        (args.out / "recipe.json").write_text(json.dumps(record, indent=2))
+        print(f"blended adapter (w={args.blend}) written to {args.out}")
     if args.ship:
         target = PACKAGE_WEIGHTS / ALIGNED_ADAPTER
         shutil.rmtree(target, ignore_errors=True)

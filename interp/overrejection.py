@@ -70,13 +70,20 @@ DEFAULT_MAX_NEW_TOKENS = 16
 DEFAULT_BATCH_SIZE = 64
 
 
-def over_rejection_prompts(limit: int | None = None, part: str = "all", dataset: str = DATASET) -> list[str]:
-    """The over-rejection set D_o (731 queries shipped), optionally only its first ``limit``."""
+def over_rejection_prompts(
+    limit: int | None = None, part: str = "all", dataset: str = DATASET, spread: bool = False
+) -> list[str]:
+    """The over-rejection set D_o (731 queries shipped), optionally only ``limit`` of them: the
+    first ``limit``, or with ``spread=True`` ``limit`` rows evenly spaced over the whole set
+    (D_o is grouped by verb, so its first rows are all "kill ..." queries)."""
     queries = load_prompts(dataset, part)
     if limit is not None:
         if limit < 1:
             raise ValueError(f"limit must be at least 1, got {limit}")
-        queries = queries[:limit]
+        if spread and limit < len(queries):
+            queries = [queries[i * len(queries) // limit] for i in range(limit)]
+        else:
+            queries = queries[:limit]
     return queries
 
 

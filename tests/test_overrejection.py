@@ -40,6 +40,12 @@ def full_last_logits(model, queries):
 def test_prompts_subset():
     assert len(over_rejection_prompts()) == 731
     assert over_rejection_prompts(3) == over_rejection_prompts()[:3]
+    everything = over_rejection_prompts()
+    spread = over_rejection_prompts(100, spread=True)
+    assert len(spread) == len(set(spread)) == 100 and set(spread) <= set(everything)
+    assert spread[0] == everything[0] and spread[-1] in everything[-8:]  # reaches the end of the set
+    assert len({q.split()[2] for q in spread}) > len({q.split()[2] for q in everything[:100]})  # more verbs
+    assert over_rejection_prompts(1000, spread=True) == everything
     with pytest.raises(ValueError):
         over_rejection_prompts(0)
 
