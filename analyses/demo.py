@@ -23,18 +23,20 @@ from interp.io import atomic_write_text
 
 def steps(out: Path, full: bool) -> list[tuple[str, str, list[str]]]:
     """``(title, module, argv)`` of each step, in data-flow order."""
+    subset = (lambda *flags: []) if full else (lambda *flags: list(flags))
     return [
-        ("Safety of the embedded models", "analyses.safety",
-         ["--model", "embedded", "--out", str(out / "safety")] + ([] if full else ["--limit", "40"])),
+        ("Safety of the aligned model", "analyses.safety",
+         ["--model", "embedded", "--out", str(out / "safety")] + subset("--limit", "40")),
+        ("Safety of the base model", "analyses.safety",
+         ["--model", "embedded-base", "--out", str(out / "safety-base")] + subset("--limit", "40")),
         ("Existence: cosine gaps and probes", "analyses.existence",
-         ["--model", "embedded", "--compare", "embedded-base", "--out", str(out / "existence")]
-         + ([] if full else ["--n", "40"])),
+         ["--model", "embedded", "--compare", "embedded-base", "--out", str(out / "existence")] + subset("--n", "40")),
         ("Location: scaling sweeps and the exported range", "analyses.locate",
-         ["--model", "embedded", "--init-from", str(out / "existence" / "existence.json"), "--out", str(out / "locate")]
-         + ([] if full else ["--limit", "64", "--fast"])),
+         ["--model", "embedded", "--init-from", str(out / "existence" / "existence.json"), "--out", str(out / "locate"),
+          "--upper-offsets=-12,3", "--lower-offsets=-4,5"] + subset("--limit", "64", "--spread", "--fast")),
         ("Protection: SPPFT vs full fine-tuning", "analyses.sppft",
          ["--model", "embedded", "--layers", str(out / "locate" / "located.json"), "--out", str(out / "sppft")]
-         + ([] if full else ["--data", "implicit", "--limit", "32", "--skip-ro"])),
+         + subset("--data", "implicit", "--limit", "32", "--skip-ro")),
     ]
 
 
@@ -52,8 +54,48 @@ def run_step(module: str, argv: list[str]) -> tuple[bool, float, str]:
         return False, time.time() - start, traceback.format_exc(limit=3)
 
 
+def markdown_table(rows: list[dict]) -> list[str]:
+    """Rows of equal keys as Markdown table lines."""
+    if not rows:
+        return []
+    keys = list(rows[0])
+    return ["| " + " | ".join(keys) + " |", "|" + " --- |" * len(keys)] + [
+        "| " + " | ".join(str(row.get(k, "")) for k in keys) + " |" for row in rows
+    ]
+
+
+def _read(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def step_summary(module: str, folder: Path) -> list[str]:
+    """The numbers a step printed, read back from the files it wrote (so the report cannot
+    disagree with the analysis)."""
+    if module == "analyses.safety" and (summary := _read(folder / "summary.json")):
+        rows = [{"set": name, "n": v["n"], "refused": v["refused"], "refusal rate": f"{v['refusal_rate']:.1%}"}
+                for name, v in summary["sets"].items()]
+        return [f"Model `{summary['model']}` (fingerprint {summary['fingerprint']}):", ""] + markdown_table(rows)
+    if module == "analyses.existence" and (result := _read(folder / "existence.json")):
+        return [f"- `{m['model']}`: suggested initial range "
+                f"{m['suggested_range']['range'] or 'none'} ({m['suggested_range']['reason']})" for m in result["models"]]
+    if module == "analyses.locate" and (located := _read(folder / "located.json")):
+        sweeps = [{"phase": s["phase"], "range": f"[{s['start']},{s['end']}]", "R_o": s["r_o"],
+                   "estimate": s["estimate"], "winner": "*" if s["winner"] else ""} for s in located["sweeps"]]
+        head = (f"**Located range [{located['range']['start']},{located['range']['end']}]** at alpha "
+                f"{located['alpha']} from the initial [{located['initial_range']['start']},{located['initial_range']['end']}]; "
+                f"baseline R_o {located['baseline_r_o']:g} of {located['metric']['n_prompts']} queries ({located['metric']['method']}).")
+        return [head, ""] + markdown_table(sweeps)
+    if module == "analyses.sppft" and (results := _read(folder / "results.json")):
+        return [f"Safety range {results['safety_range']}, ablation range {results['ablation_range']}, "
+                f"{results['training_pairs']} training pairs:", ""] + markdown_table(results["table"])
+    return []
+
+
 def report(out: Path, done: list[dict]) -> Path:
-    """``report.md``: each step's status and time, its JSON summary files and its plots."""
+    """``report.md``: each step's status, time and key numbers, its plots and its JSON files."""
     lines = ["# safety-layers demo report", "", f"Written {time.strftime('%Y-%m-%d %H:%M:%S')}.", ""]
     for step in done:
         folder = out / step["folder"]
@@ -62,6 +104,7 @@ def report(out: Path, done: list[dict]) -> Path:
                   f"{status} in {step['seconds']:.0f} s", ""]
         if step["error"]:
             lines += ["```", step["error"].strip(), "```", ""]
+        lines += step_summary(step["module"], folder) + [""]
         for png in sorted(folder.glob("*.png")):
             lines += [f"![{png.stem}]({png.relative_to(out)})", ""]
         for js in sorted(folder.glob("*.json")):

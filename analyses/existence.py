@@ -32,6 +32,7 @@ import torch
 from interp.activations import cached_capture
 from interp.cosine import PairSetError, bootstrap_gaps, check_pair_sets, similarity_table
 from interp.data import load_prompts, prompts_hash
+from interp.models import dtype_named
 from interp.onset import OnsetRule, suggest_initial_range
 from interp.probe import probe_layers
 
@@ -117,13 +118,13 @@ def existence_analysis(
 
 
 def run_existence(specs: list[str], normal: list[str], malicious: list[str], *, template: str = "chat",
-                  device: str | None = None, **kwargs) -> list[dict]:
+                  device: str | None = None, dtype=None, **kwargs) -> list[dict]:
     """``existence_analysis`` for each model spec in turn (one model in memory at a time)."""
     from interp.models import load_model
 
     results = []
     for spec in specs:
-        model = load_model(spec, device=device, template=template)
+        model = load_model(spec, device=device, dtype=dtype, template=template)
         results.append(existence_analysis(model, normal, malicious, **kwargs))
         del model
     return results
@@ -247,6 +248,7 @@ def main(argv=None):
     parser.add_argument("--min-rise", type=float, default=OnsetRule.min_rise)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--device", default=None)
+    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="model weights dtype (default float32; bfloat16 halves memory on a GPU)")
     parser.add_argument("--no-cache", action="store_true", help="do not keep activations under OUT/activations")
     args = parser.parse_args(argv)
 
@@ -254,7 +256,8 @@ def main(argv=None):
     rule = OnsetRule(args.baseline_layers, args.k_sd, args.onset_frac, args.persist, args.plateau_frac, args.min_rise)
     specs = [args.model, *[c for c in args.compare if c != args.model]]
     results = run_existence(
-        specs, normal, malicious, template=args.template, device=args.device, r=args.r, n_boot=args.n_boot,
+        specs, normal, malicious, template=args.template, device=args.device, dtype=dtype_named(args.dtype),
+        r=args.r, n_boot=args.n_boot,
         k=args.k, gap=args.gap, rule=rule, batch_size=args.batch_size,
         cache_dir=None if args.no_cache else Path(args.out) / "activations",
     )

@@ -267,7 +267,7 @@ def main(argv=None):
     parser.add_argument("--max-alpha-steps", type=int, default=8)
     parser.add_argument("--window", type=int, default=2, help="offsets -W..W for both sweeps")
     parser.add_argument("--upper-offsets", help="offsets of the upper sweep as LO,HI (overrides --window)")
-    parser.add_argument("--lower-offsets", help="offsets of the lower sweep as LO,HI, e.g. -1,3 (Table 1)")
+    parser.add_argument("--lower-offsets", help="offsets of the lower sweep as LO,HI, e.g. --lower-offsets=-1,3 (Table 1; write the = when LO is negative)")
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--fast", action="store_true", help="first-step estimate, best --keep per sweep confirmed")
     mode.add_argument("--estimate-only", action="store_true", help="first-step estimate, no generation")
@@ -280,17 +280,18 @@ def main(argv=None):
     parser.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--device", default=None)
+    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="model weights dtype (default float32; bfloat16 halves memory on a GPU)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--out", default="results/locate")
     args = parser.parse_args(argv)
 
-    from interp.models import load_model
+    from interp.models import dtype_named, load_model
 
     if args.threads:
         torch.set_num_threads(args.threads)
     components = parse_components(args.components)
     queries = over_rejection_prompts(args.limit, dataset=args.dataset, spread=args.spread)
-    model = load_model(args.model, device=args.device, template=args.template)
+    model = load_model(args.model, device=args.device, dtype=dtype_named(args.dtype), template=args.template)
     initial = LayerRange.parse(args.init) if args.init else initial_from_existence(
         args.init_from or DEFAULT_EXISTENCE, args.model)
     alpha_rule = None

@@ -140,13 +140,14 @@ def main(argv=None):
     parser.add_argument("--no-early-stop", action="store_true",
                         help="generate all --max-new-tokens tokens (full responses in the CSVs; slower)")
     parser.add_argument("--device", default=None)
+    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="model weights dtype (default float32; bfloat16 halves memory on a GPU)")
     args = parser.parse_args(argv)
     if args.limit is not None and args.limit < 1:
         parser.error("--limit must be at least 1")
 
-    from interp.models import load_model
+    from interp.models import dtype_named, load_model
 
-    model = load_model(args.model, device=args.device, template=args.template)
+    model = load_model(args.model, device=args.device, dtype=dtype_named(args.dtype), template=args.template)
     summary, tables = safety_report(
         model, limit=args.limit, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
         window=args.window, stop_when_decided=not args.no_early_stop,

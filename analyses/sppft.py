@@ -70,6 +70,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--weight-decay", type=float, default=0.01)
     parser.add_argument("--train-on-inputs", action="store_true", help="loss on the prompt too (the paper's code)")
     parser.add_argument("--lora", action="store_true")
+    parser.add_argument("--skip-frozen-grads", action="store_true",
+                        help="also set requires_grad=False on frozen weights (saves their gradients; needed under FSDP/DeepSpeed)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip-ro", action="store_true", help="do not measure R_o")
     parser.add_argument("--reuse-model", action="store_true", help="restore the original weights instead of reloading")
@@ -215,6 +217,7 @@ def run(args) -> dict:
     config = TrainConfig(
         epochs=args.epochs, max_steps=args.max_steps, lr=args.lr, batch_size=args.batch_size, max_length=args.max_length,
         weight_decay=args.weight_decay, train_on_inputs=args.train_on_inputs, lora=args.lora, seed=args.seed,
+        skip_frozen_grads=args.skip_frozen_grads,
         save_strategy="epoch" if args.keep_checkpoints else "no",
     )
     print(f"model {args.model} ({model.n_layers} layers), safety range {safety}, ablation range {ablation}; "

@@ -16,6 +16,7 @@ bridge and tensor hooks on the HF parameters see one set of weights.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import os
@@ -151,6 +152,20 @@ def plain_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
+@contextlib.contextmanager
+def single_thread():
+    """Run the body on one torch CPU thread.  A multi-threaded matmul or sum splits its
+    reductions by thread count, so its float32 result can differ in the last bit between a
+    1-thread and a 2-thread process; merging an adapter that way would give the "same" model
+    two fingerprints."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def weights_fingerprint(model: torch.nn.Module) -> str:
     """A cheap, stable hash of a model's weights: every tensor's name, shape, sum and a
     strided sample of its values.  Distinguishes checkpoints without hashing gigabytes.
@@ -158,7 +173,7 @@ def weights_fingerprint(model: torch.nn.Module) -> str:
     bridge (``load_hf``) agree."""
     digest = hashlib.sha256()
     for name, tensor in sorted(plain_state_dict(model).items()):
-        flat = tensor.detach().float().flatten().cpu()
+        flat = tensor.detach().double().flatten().cpu()  # float64 sum: no thread-count dependence at 6 digits
         step = max(1, flat.numel() // 257)
         digest.update(name.encode())
         digest.update(str(tuple(tensor.shape)).encode())
@@ -180,7 +195,8 @@ def load_hf(spec: str, dtype: torch.dtype = torch.float32):
         if adapter is not None:
             from peft import PeftModel
 
-            model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+            with single_thread():  # the merged weights must not depend on the thread count
+                model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
         return model, tok, EMBEDDED_NAME
 
     path = Path(spec).expanduser()
@@ -232,6 +248,18 @@ def _forget_gguf_quantization(model) -> None:
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def dtype_named(name: str | None) -> torch.dtype | None:
+    """``--dtype`` of the command-line analyses: ``float32`` (default), ``bfloat16`` or ``float16``."""
+    if name is None:
+        return None
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; choose one of {', '.join(DTYPES)}")
+    return DTYPES[name]
 
 
 def default_device() -> str:

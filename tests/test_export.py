@@ -143,3 +143,13 @@ def test_write_is_atomic(tmp_path, tiny, result, monkeypatch):
 def test_finetune_reads_it(written, tiny):
     masks = pytest.importorskip("finetune.masks")
     assert masks.resolve_range(str(written), tiny) == LayerRange(1, 2)
+
+
+def test_the_shipped_located_range_is_for_the_shipped_aligned_model(embedded):
+    """docs/locate/located.json (read by the notebooks and the README) must be the range of the
+    adapter in interp/weights: a new adapter without a new location run fails here."""
+    from pathlib import Path
+
+    located = load_located(Path(__file__).resolve().parent.parent / "docs" / "locate" / "located.json", embedded)
+    assert located.record["model"]["spec"] == "embedded"
+    located.range.check(embedded.n_layers)

@@ -122,3 +122,23 @@ def test_kv_cached_generation_through_the_bridge_matches_uncached(embedded_base)
     assert torch.equal(cached, uncached)
     first = model.tokenizer.decode(cached[0, batch["input_ids"].shape[1]:], skip_special_tokens=True)
     assert "Paris" in first
+
+
+def test_aligned_weights_and_fingerprint_do_not_depend_on_the_thread_count():
+    """The adapter merge and the fingerprint's sums ran multi-threaded once, and a 1-thread
+    process got a different fingerprint from a 2-thread one for the same model: every located
+    range was then refused by the other."""
+    from interp.models import load_hf, weights_fingerprint
+
+    threads = torch.get_num_threads()
+    loaded = {}
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            model, _, _ = load_hf("embedded")
+            loaded[n] = (dict(model.named_parameters()), weights_fingerprint(model))
+    finally:
+        torch.set_num_threads(threads)
+    (one, fp_one), (two, fp_two) = loaded[1], loaded[2]
+    assert all(torch.equal(one[name], two[name]) for name in one)
+    assert fp_one == fp_two

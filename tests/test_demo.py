@@ -1,0 +1,47 @@
+"""The demo driver: its steps, and a report whose numbers are read back from the steps' files."""
+
+from __future__ import annotations
+
+import json
+
+from analyses import demo
+
+
+def test_steps_flow_into_each_other_and_full_drops_the_subsets(tmp_path):
+    steps = demo.steps(tmp_path, full=False)
+    modules = [module for _, module, _ in steps]
+    assert modules == ["analyses.safety", "analyses.safety", "analyses.existence", "analyses.locate", "analyses.sppft"]
+    by_module = {module: argv for _, module, argv in steps}
+    locate_argv, sppft_argv = by_module["analyses.locate"], by_module["analyses.sppft"]
+    assert locate_argv[locate_argv.index("--init-from") + 1] == str(tmp_path / "existence" / "existence.json")
+    assert sppft_argv[sppft_argv.index("--layers") + 1] == str(tmp_path / "locate" / "located.json")
+    assert "--limit" in locate_argv and "--spread" in locate_argv
+    for _, _, argv in demo.steps(tmp_path, full=True):
+        assert not {"--limit", "--n", "--fast", "--skip-ro"} & set(argv)
+
+
+def test_report_shows_each_steps_numbers_and_failures(tmp_path):
+    (tmp_path / "safety").mkdir()
+    (tmp_path / "safety" / "summary.json").write_text(json.dumps({
+        "model": "embedded", "fingerprint": "abc",
+        "sets": {"advbench_test": {"n": 40, "refused": 37, "refusal_rate": 37 / 40}},
+    }))
+    (tmp_path / "locate").mkdir()
+    (tmp_path / "locate" / "located.json").write_text(json.dumps({
+        "range": {"start": 7, "end": 9}, "alpha": 1.2, "initial_range": {"start": 7, "end": 19},
+        "baseline_r_o": 42.0, "metric": {"n_prompts": 64, "method": "generation"},
+        "sweeps": [{"phase": "upper", "start": 7, "end": 9, "r_o": 60.0, "estimate": None, "winner": True}],
+    }))
+    done = [
+        {"title": "Safety", "module": "analyses.safety", "argv": ["--out", "x"], "ok": True, "seconds": 3.0,
+         "error": "", "folder": "safety"},
+        {"title": "Location", "module": "analyses.locate", "argv": ["--out", "y"], "ok": True, "seconds": 4.0,
+         "error": "", "folder": "locate"},
+        {"title": "SPPFT", "module": "analyses.sppft", "argv": ["--out", "z"], "ok": False, "seconds": 1.0,
+         "error": "Traceback: boom", "folder": "sppft"},
+    ]
+    text = demo.report(tmp_path, done).read_text()
+    assert "| advbench_test | 40 | 37 | 92.5% |" in text
+    assert "**Located range [7,9]**" in text and "baseline R_o 42 of 64 queries" in text
+    assert "| upper | [7,9] | 60.0 | None | * |" in text
+    assert "FAILED" in text and "boom" in text
