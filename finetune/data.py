@@ -72,8 +72,10 @@ def load_pairs_jsonl(path: str | Path) -> list[tuple[str, str]]:
     return pairs
 
 
-def _answers_cache_file(model, queries: list[str], settings: dict, cache_dir: Path) -> tuple[Path, dict]:
-    key = {"model": model.fingerprint(), "prompts": prompts_hash(queries), **settings}
+def _answers_cache_file(model, settings: dict, cache_dir: Path) -> tuple[Path, dict]:
+    """One file per model and settings, holding every query answered so far: a later run on a
+    subset or a superset of the queries reuses what is there."""
+    key = {"model": model.fingerprint(), **settings}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     return cache_dir / f"answers-{digest}.json", key
 
@@ -120,9 +122,9 @@ def answers_for(
     ``complete_answers``: up to the first end-of-turn token, or cut back to the last complete
     sentence when ``max_new_tokens`` ran out.
 
-    Cached in ``cache_dir`` (default ``<cache>/answers``) in a file keyed by the model's weight
-    fingerprint, the prompts' hash and the settings; written atomically after every batch, so
-    an interrupted run resumes where it stopped."""
+    Cached in ``cache_dir`` (default ``<cache>/answers``) in one file per weight fingerprint and
+    settings, query by query (a subset of an earlier run's queries is answered from the cache);
+    written atomically after every batch, so an interrupted run resumes where it stopped."""
     from tqdm.auto import tqdm
 
     from interp.models import cache_dir as default_cache
@@ -132,7 +134,7 @@ def answers_for(
     template = check_template(template or model.template)
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache() / "answers"
     settings = {"max_new_tokens": max_new_tokens, "template": template, "decoding": "greedy", "trim": "sentence"}
-    path, key = _answers_cache_file(model, queries, settings, cache_dir)
+    path, key = _answers_cache_file(model, settings, cache_dir)
     done: dict[str, str] = {}
     if path.is_file():
         try:

@@ -163,6 +163,10 @@ def test_answers_for_caches_and_resumes(tiny, tmp_path, monkeypatch):
     cache_file.write_text(json.dumps(cached))
     assert D.answers_for(tiny, queries, max_new_tokens=5, cache_dir=tmp_path, progress=False) == direct
     assert calls[-1] == [queries[1]]
+    # a subset of the queries is answered from the same file, with nothing generated
+    n_calls = len(calls)
+    assert D.answers_for(tiny, queries[::2], max_new_tokens=5, cache_dir=tmp_path, progress=False) == direct[::2]
+    assert len(calls) == n_calls
     # other settings, another cache file
     D.answers_for(tiny, queries[:1], max_new_tokens=3, cache_dir=tmp_path, progress=False)
     assert len(list(tmp_path.glob("answers-*.json"))) == 2
