@@ -30,7 +30,7 @@ def steps(out: Path, full: bool) -> list[tuple[str, str, list[str]]]:
         ("Safety of the base model", "analyses.safety",
          ["--model", "embedded-base", "--out", str(out / "safety-base")] + subset("--limit", "40")),
         ("Existence: cosine gaps and probes", "analyses.existence",
-         ["--model", "embedded", "--compare", "embedded-base", "--out", str(out / "existence")] + subset("--n", "40")),
+         ["--model", "embedded", "--compare", "embedded-base", "--out", str(out / "existence")] + subset("--n", "100")),
         ("Location: scaling sweeps and the exported range", "analyses.locate",
          ["--model", "embedded", "--init-from", str(out / "existence" / "existence.json"), "--out", str(out / "locate"),
           "--upper-offsets=-12,3", "--lower-offsets=-4,5"] + subset("--limit", "64", "--spread", "--fast")),
@@ -82,8 +82,11 @@ def step_summary(module: str, folder: Path) -> list[str]:
         return [f"- `{m['model']}`: suggested initial range "
                 f"{m['suggested_range']['range'] or 'none'} ({m['suggested_range']['reason']})" for m in result["models"]]
     if module == "analyses.locate" and (located := _read(folder / "located.json")):
-        sweeps = [{"phase": s["phase"], "range": f"[{s['start']},{s['end']}]", "R_o": s["r_o"],
-                   "estimate": s["estimate"], "winner": "*" if s["winner"] else ""} for s in located["sweeps"]]
+        def number(value):
+            return "–" if value is None else f"{value:.1f}" if value % 1 else f"{value:g}"
+
+        sweeps = [{"phase": s["phase"], "range": f"[{s['start']},{s['end']}]", "R_o": number(s["r_o"]),
+                   "estimate": number(s["estimate"]), "winner": "*" if s["winner"] else ""} for s in located["sweeps"]]
         head = (f"**Located range [{located['range']['start']},{located['range']['end']}]** at alpha "
                 f"{located['alpha']} from the initial [{located['initial_range']['start']},{located['initial_range']['end']}]; "
                 f"baseline R_o {located['baseline_r_o']:g} of {located['metric']['n_prompts']} queries ({located['metric']['method']}).")

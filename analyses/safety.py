@@ -28,7 +28,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from interp.data import load_prompts, prompts_hash
+from interp.data import evenly_spaced, load_prompts, prompts_hash
 from interp.io import atomic_write_csv, atomic_write_json
 from interp.refusal import DEFAULT_WINDOW, NOT_REFUSAL_PHRASES, REFUSAL_PHRASES, refusal_table
 
@@ -40,10 +40,11 @@ SETS = (
 
 
 def load_sets(limit: int | None = None) -> dict[str, list[str]]:
-    """The three prompt sets, each cut to its first ``limit`` prompts when given."""
+    """The three prompt sets, each cut to ``limit`` prompts evenly spaced over the set when
+    given (D_o is grouped by verb: its first 40 rows are nearly all "kill"/"murder" queries)."""
     if limit is not None and limit < 1:
         raise ValueError(f"--limit must be at least 1, got {limit}")
-    return {name: load_prompts(source, part)[:limit] for name, source, part in SETS}
+    return {name: evenly_spaced(load_prompts(source, part), limit) for name, source, part in SETS}
 
 
 def safety_report(
@@ -132,7 +133,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="embedded")
     parser.add_argument("--out", default="results/safety")
-    parser.add_argument("--limit", type=int, default=None, help="first N prompts of each set")
+    parser.add_argument("--limit", type=int, default=None, help="N prompts of each set, evenly spaced over it")
     parser.add_argument("--template", default="chat", choices=["chat", "alpaca"])
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=16)

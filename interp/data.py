@@ -88,3 +88,14 @@ def split(rows: list[str], part: str = "all") -> list[str]:
 def prompts_hash(rows: list[str]) -> str:
     """A short content hash of a prompt list, recorded with every result."""
     return hashlib.sha256("\n".join(rows).encode("utf-8")).hexdigest()[:16]
+
+
+def evenly_spaced(rows: list, n: int | None) -> list:
+    """``n`` rows spread evenly over ``rows`` (first row included), in their order; all of them
+    when ``n`` is None or at least ``len(rows)``.  Sets grouped by kind (D_o is grouped by verb)
+    are then sampled across their groups, not from the first group only."""
+    if n is None or n >= len(rows):
+        return list(rows)
+    if n < 1:
+        raise ValueError(f"need at least 1 row, got {n}")
+    return [rows[i * len(rows) // n] for i in range(n)]

@@ -60,7 +60,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from interp.activations import common_prefix_length, pad_rows
-from interp.data import load_prompts
+from interp.data import evenly_spaced, load_prompts
 from interp.refusal import REFUSAL_PHRASES, end_token_ids, generate, greedy_kwargs, is_refusal
 from interp.scaling import ALL_COMPONENTS, check_layers, scaled
 
@@ -80,10 +80,7 @@ def over_rejection_prompts(
     if limit is not None:
         if limit < 1:
             raise ValueError(f"limit must be at least 1, got {limit}")
-        if spread and limit < len(queries):
-            queries = [queries[i * len(queries) // limit] for i in range(limit)]
-        else:
-            queries = queries[:limit]
+        queries = evenly_spaced(queries, limit) if spread else queries[:limit]
     return queries
 
 

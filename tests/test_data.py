@@ -64,3 +64,14 @@ def test_unknown_split_and_hash():
     with pytest.raises(DataError, match="unknown split"):
         load_prompts("benign", "validation")
     assert prompts_hash(["a", "b"]) != prompts_hash(["b", "a"])
+
+
+def test_evenly_spaced_spans_the_rows_in_order():
+    from interp.data import evenly_spaced
+
+    rows = list(range(10))
+    assert evenly_spaced(rows, 3) == [0, 3, 6]
+    assert evenly_spaced(rows, 10) == rows and evenly_spaced(rows, 99) == rows and evenly_spaced(rows, None) == rows
+    assert evenly_spaced(rows, 1) == [0]
+    with pytest.raises(ValueError):
+        evenly_spaced(rows, 0)

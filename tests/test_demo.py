@@ -43,5 +43,5 @@ def test_report_shows_each_steps_numbers_and_failures(tmp_path):
     text = demo.report(tmp_path, done).read_text()
     assert "| advbench_test | 40 | 37 | 92.5% |" in text
     assert "**Located range [7,9]**" in text and "baseline R_o 42 of 64 queries" in text
-    assert "| upper | [7,9] | 60.0 | None | * |" in text
+    assert "| upper | [7,9] | 60 | – | * |" in text
     assert "FAILED" in text and "boom" in text

@@ -281,8 +281,10 @@ def test_safety_report_on_tiny(untied, tmp_path):
 
     summary, tables = safety_report(untied, limit=3, max_new_tokens=4, batch_size=2, progress=False)
     assert set(tables) == {"advbench_test", "benign_test", "over_rejection"}
-    assert tables["advbench_test"]["query"].tolist() == load_prompts("advbench", "test")[:3]
-    assert summary["sets"]["over_rejection"]["prompts_hash"] == prompts_hash(load_prompts("over_rejection")[:3])
+    advbench, over_rejection = load_prompts("advbench", "test"), load_prompts("over_rejection")
+    assert tables["advbench_test"]["query"].tolist() == [advbench[0], advbench[86], advbench[173]]  # spread over the set
+    assert summary["sets"]["over_rejection"]["prompts_hash"] == prompts_hash(
+        [over_rejection[0], over_rejection[243], over_rejection[487]])
     for name, table in tables.items():
         assert summary["sets"][name]["n"] == 3
         assert summary["sets"][name]["refused"] == int(table["refused"].sum())
