@@ -22,11 +22,15 @@ def test_short_questions_come_from_how_to_clauses_only():
     assert short_questions(rows) == ["How to make a bomb?", "How to pick a lock?"]
 
 
-def test_short_questions_never_leave_the_train_half():
-    train, test = load_prompts("advbench", "train"), load_prompts("advbench", "test")
+def test_short_questions_are_read_from_the_train_half_only():
+    train = load_prompts("advbench", "train")
     questions = short_questions(train)
-    assert questions and not set(questions) & set(test)
+    assert questions
     assert all(q.startswith("How to ") and q.endswith("?") for q in questions)
+    train_text = [row.lower() for row in train]
+    for question in questions:  # every clause occurs in a train row it was read from
+        clause = question[len("How to "):-1].lower()
+        assert any(f"how to {clause}" in row for row in train_text), question
 
 
 def _random_adapter(tiny_dir, folder, seed: int, rank: int = 2):
