@@ -25,18 +25,24 @@ def steps(out: Path, full: bool) -> list[tuple[str, str, list[str]]]:
     """``(title, module, argv)`` of each step, in data-flow order."""
     subset = (lambda *flags: []) if full else (lambda *flags: list(flags))
     return [
+        ("Refusal judge: accuracy on the labelled test half", "analyses.judge", ["--out", str(out / "judge")]),
         ("Safety of the aligned model", "analyses.safety",
          ["--model", "embedded", "--out", str(out / "safety")] + subset("--limit", "40")),
         ("Safety of the base model", "analyses.safety",
          ["--model", "embedded-base", "--out", str(out / "safety-base")] + subset("--limit", "40")),
-        ("Existence: cosine gaps and probes", "analyses.existence",
-         ["--model", "embedded", "--compare", "embedded-base", "--out", str(out / "existence")] + subset("--n", "100")),
+        ("Existence: cosine gaps and probes, unpaired and paired", "analyses.existence",
+         ["--model", "embedded", "--compare", "embedded-base", "--pairs", "--out", str(out / "existence")]
+         + subset("--n-boot", "300")),
         ("Location: scaling sweeps and the exported range", "analyses.locate",
          ["--model", "embedded", "--init-from", str(out / "existence" / "existence.json"), "--out", str(out / "locate"),
-          "--upper-offsets=-12,3", "--lower-offsets=-4,5"] + subset("--limit", "64", "--spread", "--fast")),
+          "--upper-offsets=-3,6", "--lower-offsets=-3,3"] + subset("--limit", "128")),
+        ("Causal localisation: patching, refusal direction, the three views", "analyses.causal",
+         ["--model", "embedded", "--located", str(out / "locate" / "located.json"),
+          "--existence", str(out / "existence" / "existence.json"), "--out", str(out / "causal")] + subset("--pairs", "32")),
         ("Protection: SPPFT vs full fine-tuning", "analyses.sppft",
          ["--model", "embedded", "--layers", str(out / "locate" / "located.json"), "--out", str(out / "sppft")]
-         + subset("--data", "implicit", "--limit", "32", "--skip-ro")),
+         + subset("--data", "implicit", "--seeds", "0", "--steps", "8", "--eval-steps", "0,4,8", "--train-size", "32",
+                  "--dose-limit", "16", "--final-limit", "40", "--quality", "16", "--no-audit")),
     ]
 
 
@@ -74,26 +80,42 @@ def _read(path: Path) -> dict | None:
 def step_summary(module: str, folder: Path) -> list[str]:
     """The numbers a step printed, read back from the files it wrote (so the report cannot
     disagree with the analysis)."""
+    if module == "analyses.judge" and (record := _read(folder / "judge.json")):
+        rows = [{"judge": name, "binary accuracy": f"{s['binary_accuracy']:.1%}",
+                 "3-class accuracy": f"{s['three_class_accuracy']:.1%}"} for name, s in record["judges"].items()]
+        return [f"{record['n']} labelled responses ({record['split']} half):", ""] + markdown_table(rows)
     if module == "analyses.safety" and (summary := _read(folder / "summary.json")):
-        rows = [{"set": name, "n": v["n"], "refused": v["refused"], "refusal rate": f"{v['refusal_rate']:.1%}"}
+        rows = [{"set": name, "goal": v["goal"], "n": v["n"], "refused": v["refused"],
+                 "refused rate (95% CI)": f"{v['refused_rate']:.1%} ({v['refused_lo']:.0%}-{v['refused_hi']:.0%})"}
                 for name, v in summary["sets"].items()]
-        return [f"Model `{summary['model']}` (fingerprint {summary['fingerprint']}):", ""] + markdown_table(rows)
+        return [f"Model `{summary['model']}` (fingerprint {summary['fingerprint']}), judge "
+                f"{summary['settings']['judge']['judge']}:", ""] + markdown_table(rows)
     if module == "analyses.existence" and (result := _read(folder / "existence.json")):
-        return [f"- `{m['model']}`: suggested initial range "
-                f"{m['suggested_range']['range'] or 'none'} ({m['suggested_range']['reason']})" for m in result["models"]]
+        lines = [f"- `{m['model']}` (unpaired): suggested initial range {m['suggested_range']['range'] or 'none'}"
+                 for m in result["models"]]
+        paired = result.get("paired") or {}
+        for m in paired.get("models", []):
+            lines.append(f"- `{m['model']}` (paired): suggested initial range {m['suggested_range']['range'] or 'none'}")
+        if paired.get("comparison"):
+            lines.append(f"- paired gap, aligned minus base: bands {paired['comparison']['bands']}")
+        return lines
     if module == "analyses.locate" and (located := _read(folder / "located.json")):
         def number(value):
             return "–" if value is None else f"{value:.1f}" if value % 1 else f"{value:g}"
 
         sweeps = [{"phase": s["phase"], "range": f"[{s['start']},{s['end']}]", "R_o": number(s["r_o"]),
-                   "estimate": number(s["estimate"]), "winner": "*" if s["winner"] else ""} for s in located["sweeps"]]
+                   "bound": number(s["estimate"]), "winner": "*" if s["winner"] else ""} for s in located["sweeps"]]
         head = (f"**Located range [{located['range']['start']},{located['range']['end']}]** at alpha "
                 f"{located['alpha']} from the initial [{located['initial_range']['start']},{located['initial_range']['end']}]; "
                 f"baseline R_o {located['baseline_r_o']:g} of {located['metric']['n_prompts']} queries ({located['metric']['method']}).")
         return [head, ""] + markdown_table(sweeps)
+    if module == "analyses.causal" and (record := _read(folder / "causal.json")):
+        return [record.get("statement", "")]
     if module == "analyses.sppft" and (results := _read(folder / "results.json")):
-        return [f"Safety range {results['safety_range']}, ablation range {results['ablation_range']}, "
-                f"{results['training_pairs']} training pairs:", ""] + markdown_table(results["table"])
+        rows = [{"data": r["data"], "mode": r["mode"], "set": r["set"],
+                 "R_h (95% CI)": f"{r['R_h']:.0%} ({r['lo']:.0%}-{r['hi']:.0%})", "ROUGE-L": f"{r['rouge_l']:.3f}"}
+                for r in results["final"]]
+        return [f"Safety range {results['safety_range']}:", ""] + markdown_table(rows)
     return []
 
 

@@ -1,68 +1,51 @@
-"""How much faster R_o and the bound search run here than with the paper's method.
+"""R_o and the bound search: this project against the paper's method and a competent batched
+baseline, in one run, with verdict agreement and where the time goes.
 
-    python -m benchmarks.locate [--model embedded-base] [--n 64] [--range 8,14] [--alpha 1.2]
-        [--window 2] [--threads 2] [--baseline-n N] [--full-baseline-sweep]
+    python -m benchmarks.locate [--model embedded] [--n 64] [--range 7,9] [--alpha 1.2]
+        [--upper-offsets=-3,3 --lower-offsets=-2,2] [--threads 2] [--paper-n 16] [--fingerprint]
 
-The paper's method (``Safety_layers_locating/scaling.py``): per configuration, a deep copy of
-the plain HF model with the projection weights of the range multiplied by α, then greedy
-generation of 16 new tokens one prompt at a time.  Here: hooks on the bridge (no copy), the
-prompts tokenised once, their shared prefix (the chat template's system turn) run once per
-configuration, batched left-padded generation (``interp.overrejection``), and, for the
-first-step estimate, the layers below the sweep cached.  Same prompts (the first ``--n``
-over-rejection queries), same template, same refusal matcher.
+Three ways to measure R_o for one configuration (same prompts, template, greedy 16 new tokens,
+the same judge):
 
-Printed: the time of one R_o evaluation and of a whole sweep (baseline + both bounds, window
-``--window``) for each way, the speed ratios, and how far the counts agree (R_o of each way and
-the per-prompt verdicts).  ``--baseline-n`` runs the paper's method on the first N prompts only
-and scales its time to ``--n`` (its cost is linear in the prompts: one at a time); the paper's
-whole sweep is its per-configuration time times the number of configurations unless
-``--full-baseline-sweep`` runs it.  Times are wall-clock and CPU seconds of this process: on a
-shared machine the wall time swings with others' load, the CPU time much less.
+- **paper**: the official ``scaling.py``: a deep copy of the plain HF model with the range's
+  projection weights multiplied by α, then ``generate`` one prompt at a time (measured on
+  ``--paper-n`` prompts and scaled linearly to ``--n``, as labelled);
+- **batched baseline**: what a competent user writes in ten lines: a weight-scaled copy of the
+  *plain, unbridged* HF model and left-padded batched ``generate`` (batch ``--batch-size``);
+  the copy's time is reported apart and left out of the ratio;
+- **this project**: ``interp.overrejection.RoEvaluator`` on the bridged model (hooks, shared
+  prefix, layers below the sweep computed once, early stop with dropped rows).
+
+Then a whole search (the upper and lower sweeps of ``interp.locate``): the baseline generating
+every configuration, this project's exact ``generation`` search, and its default ``prune`` search
+(first-step bound), with the ranges each finds.  A profile of one evaluation says where the time
+goes (prefix and prefill, decode steps, the LM head, hooks, the judge and other Python).
+``--fingerprint`` also times the weights' fingerprint on a random ~1.1B-parameter bfloat16 state
+dict: on the device against the old host-float64 copies, with equal values.
+Times are wall-clock and CPU seconds of this process; printed as ratios, never asserted.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import cProfile
+import pstats
 import time
 from dataclasses import dataclass
 
 import torch
 
-from interp.locate import estimate_ro, generation_ro, locate, lowest_layer
-from interp.overrejection import FirstStepEstimator, over_rejection_prompts, refusal_flags
+from interp.judge import DEFAULT_JUDGE
+from interp.locate import locate, lowest_layer
+from interp.overrejection import RoEvaluator, over_rejection_prompts
 from interp.ranges import LayerRange
-from interp.refusal import end_token_ids, is_refusal
-from interp.scaling import ALL_COMPONENTS, scale_weights_, scaled
-
-
-def paper_method_flags(plain_hf, model, queries, layer_range, alpha, max_new_tokens=16) -> list[bool]:
-    """The paper's way: copy, scale weights, generate one prompt at a time."""
-    scaled_copy = copy.deepcopy(plain_hf)
-    if layer_range is not None:
-        scale_weights_(scaled_copy, layer_range, alpha, ALL_COMPONENTS)
-    tok = model.tokenizer
-    end_ids = end_token_ids(model)
-    flags = []
-    with torch.no_grad():
-        for query in queries:
-            enc = model.encode([query])
-            out = scaled_copy.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-                                       temperature=None, top_p=None, top_k=None, eos_token_id=end_ids,
-                                       pad_token_id=tok.pad_token_id)
-            generated = out[0, enc["input_ids"].shape[1]:].tolist()
-            cut = next((k for k, t in enumerate(generated) if t in end_ids), len(generated))
-            flags.append(is_refusal(tok.decode(generated[:cut], skip_special_tokens=True).strip()))
-    del scaled_copy
-    return flags
+from interp.ro_search import SearchRo
+from interp.scaling import ALL_COMPONENTS, scale_weights_
 
 
 @dataclass
 class Took:
-    """Wall-clock and CPU seconds (all threads of this process) of one call.  On a shared
-    machine the wall time swings with other people's load; the CPU time barely does, so the
-    ratios are printed for both."""
-
     wall: float
     cpu: float
 
@@ -71,11 +54,14 @@ class Took:
 
     __rmul__ = __mul__
 
+    def __add__(self, other: "Took") -> "Took":
+        return Took(self.wall + other.wall, self.cpu + other.cpu)
+
     def ratio(self, other: "Took") -> str:
-        return f"{self.wall / other.wall:5.1f}x wall, {self.cpu / other.cpu:5.1f}x cpu"
+        return f"{self.wall / other.wall:5.2f}x wall, {self.cpu / other.cpu:5.2f}x cpu"
 
     def __str__(self) -> str:
-        return f"{self.wall:7.1f} s wall ({self.cpu:7.1f} s cpu)"
+        return f"{self.wall:7.2f} s wall ({self.cpu:7.2f} s cpu)"
 
 
 def timed(fn, *args, **kwargs) -> tuple[object, Took]:
@@ -84,101 +70,183 @@ def timed(fn, *args, **kwargs) -> tuple[object, Took]:
     return value, Took(time.perf_counter() - wall, time.process_time() - cpu)
 
 
-def sweep_configs(initial: LayerRange, n_layers: int, window: int):
-    """The configurations a search evaluates if its upper winner is the initial end (for the
-    paper's full sweep: the same number of configurations as the real search)."""
-    ranges = {LayerRange(initial.start, initial.end + k) for k in range(-window, window + 1)
-              if initial.start <= initial.end + k < n_layers}
-    ranges |= {LayerRange(initial.start - k, initial.end) for k in range(-window, window + 1)
-               if 0 <= initial.start - k <= initial.end}
-    return [None, *sorted(ranges)]
+def scaled_copy(plain, layer_range, alpha):
+    out = copy.deepcopy(plain)
+    if layer_range is not None:
+        scale_weights_(out, layer_range, alpha, ALL_COMPONENTS)
+    return out
+
+
+def _verdicts(model, rows, prompt_len) -> list[bool]:
+    end_ids, tok, flags = model.end_token_ids, model.tokenizer, []
+    for row in rows[:, prompt_len:].tolist():
+        cut = next((k for k, t in enumerate(row) if t in end_ids), len(row))
+        flags.append(DEFAULT_JUDGE.is_refusal(tok.decode(row[:cut], skip_special_tokens=True).strip()))
+    return flags
+
+
+@torch.no_grad()
+def generate_flags(hf, model, queries, batch_size: int, max_new_tokens: int = 16) -> list[bool]:
+    """Left-padded batched greedy ``generate`` on a plain model (batch_size 1: the paper's way)."""
+    kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, temperature=None, top_p=None,
+                  top_k=None, repetition_penalty=None, eos_token_id=model.end_token_ids, pad_token_id=model.pad_token_id)
+    flags = []
+    for start in range(0, len(queries), batch_size):
+        enc = model.encode(queries[start:start + batch_size])
+        out = hf.generate(**enc, **kwargs)
+        flags += _verdicts(model, out, enc["input_ids"].shape[1])
+    return flags
+
+
+def profile_evaluation(evaluator, layer_range, alpha) -> dict[str, float]:
+    """Seconds of one evaluation by part, from cProfile's cumulative times."""
+    profiler = cProfile.Profile()
+    profiler.enable()
+    evaluator.evaluate(layer_range, alpha)
+    profiler.disable()
+    stats = pstats.Stats(profiler).stats
+    total = max(v[3] for v in stats.values())
+
+    def cumulative(name_part: str, file_part: str = "") -> float:
+        return sum(v[3] for (file, _, func), v in stats.items() if func == name_part and file_part in file)
+
+    def own(file_part: str) -> float:
+        return sum(v[2] for (file, _, _), v in stats.items() if file_part in file)
+
+    prefill = cumulative("resume_from_layer") + cumulative("prefix_cache")
+    decode = cumulative("decode_greedy")
+    return {
+        "total": total,
+        "prefix + prefill (layers >= start)": prefill,
+        "decode steps": decode,
+        "  of which matmuls (torch linear)": cumulative("linear", "") or own("linear"),
+        "  of which the LM head": sum(v[3] for (file, _, func), v in stats.items() if func == "last_logits"),
+        "bridge hooks and wrappers (own time)": own("transformer_lens"),
+        "judge + token decode (Python)": sum(v[3] for (file, _, func), v in stats.items()
+                                             if func in ("decided", "is_refusal") or (func == "decode" and "tokeniz" in file)),
+    }
+
+
+def fingerprint_benchmark() -> None:
+    """The fingerprint of a random ~1.1B-parameter bfloat16 state dict: on the device against
+    the previous host-float64 implementation, same value."""
+    import hashlib
+
+    from interp.provenance import weights_fingerprint
+
+    def host_fingerprint(state):
+        digest = hashlib.sha256()
+        for name, tensor in sorted(state.items()):
+            if name.rpartition(".")[2] == "bias" and not tensor.detach().any():
+                continue
+            flat = tensor.detach().double().flatten().cpu()
+            step = max(1, flat.numel() // 257)
+            digest.update(name.encode())
+            digest.update(str(tuple(tensor.shape)).encode())
+            digest.update(f"{flat.sum().item():.6e}".encode())
+            digest.update(flat[::step].numpy().round(6).tobytes())
+        return digest.hexdigest()[:16]
+
+    torch.manual_seed(0)
+    d, ff, layers, vocab = 2048, 5632, 16, 32000
+    state = {"model.embed_tokens.weight": torch.randn(vocab, d, dtype=torch.bfloat16)}
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        for name, shape in (("self_attn.q_proj", (d, d)), ("self_attn.k_proj", (d, d)), ("self_attn.v_proj", (d, d)),
+                            ("self_attn.o_proj", (d, d)), ("mlp.gate_proj", (ff, d)), ("mlp.up_proj", (ff, d)),
+                            ("mlp.down_proj", (d, ff))):
+            state[p + name + ".weight"] = torch.randn(shape, dtype=torch.bfloat16) * 0.02
+        state[p + "input_layernorm.weight"] = torch.ones(d, dtype=torch.bfloat16)
+    n = sum(t.numel() for t in state.values())
+    new, t_new = timed(weights_fingerprint, state)
+    old, t_old = timed(host_fingerprint, state)
+    print(f"\nfingerprint of a random {n / 1e9:.2f}B-parameter bfloat16 state dict (CPU; on a GPU the old way also "
+          f"copies every tensor to the host):")
+    print(f"  old (host float64 copies): {t_old}\n  now (on the device):        {t_new}  {t_old.ratio(t_new)}; "
+          f"same value: {old == new}")
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="embedded-base")
-    parser.add_argument("--n", type=int, default=64, help="over-rejection prompts (the first N)")
-    parser.add_argument("--range", default="8,14", help="range of the single evaluation and the search's start")
+    parser.add_argument("--model", default="embedded")
+    parser.add_argument("--n", type=int, default=64, help="over-rejection prompts (spread over D_o)")
+    parser.add_argument("--range", default="7,9")
     parser.add_argument("--alpha", type=float, default=1.2)
-    parser.add_argument("--window", type=int, default=2)
+    parser.add_argument("--upper-offsets", default="-3,3")
+    parser.add_argument("--lower-offsets", default="-2,2")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--baseline-n", type=int, default=None, help="prompts for the paper's method (default --n)")
-    parser.add_argument("--full-baseline-sweep", action="store_true")
+    parser.add_argument("--paper-n", type=int, default=16, help="prompts the paper's method is timed on")
+    parser.add_argument("--no-sweep", action="store_true")
+    parser.add_argument("--fingerprint", action="store_true")
     args = parser.parse_args(argv)
 
     from interp.models import load_hf, load_model
 
     torch.set_num_threads(args.threads)
     torch.set_grad_enabled(False)
-    queries = over_rejection_prompts(args.n)
+    queries = over_rejection_prompts(args.n, "spread")
     layer_range = LayerRange.parse(args.range)
+    upper = list(range(*(lambda a, b: (a, b + 1))(*map(int, args.upper_offsets.split(",")))))
+    lower = list(range(*(lambda a, b: (a, b + 1))(*map(int, args.lower_offsets.split(",")))))
     model = load_model(args.model, device="cpu")
-    layer_range.check(model.n_layers)
     plain, _, _ = load_hf(args.model)
     plain = plain.eval()
     plain.config._attn_implementation = "eager"  # as load_model sets it for the bridged model
-    base_n = min(args.baseline_n or args.n, args.n)
-    print(f"{args.model}, {args.n} over-rejection prompts, torch threads {torch.get_num_threads()}, "
-          f"range {layer_range} x {args.alpha}, 16 new tokens")
+    print(f"{args.model}, {args.n} over-rejection prompts (spread), torch threads {torch.get_num_threads()}, "
+          f"range {layer_range} x {args.alpha}, 16 new tokens, batch {args.batch_size}")
 
-    # --- one R_o evaluation
-    paper, t_paper = timed(paper_method_flags, plain, model, queries[:base_n], layer_range, args.alpha)
-    t_paper_n = t_paper * (args.n / base_n)
-
-    def ours_once():
-        with scaled(model, layer_range, args.alpha):
-            return refusal_flags(model, queries, batch_size=args.batch_size)
-
-    ours, t_ours = timed(ours_once)
-    start = lowest_layer(layer_range, model.n_layers, args.window)
-    estimator, t_build = timed(FirstStepEstimator, model, queries, start, batch_size=args.batch_size)
-    first, t_est = timed(estimator.estimate, layer_range, args.alpha)
-    agree = sum(a == b for a, b in zip(paper, ours[:base_n]))
-    extrapolated = f" (measured on {base_n}, scaled to {args.n})" if base_n < args.n else ""
+    # --- one evaluation
+    copy_, t_copy = timed(scaled_copy, plain, layer_range, args.alpha)
+    paper_n = min(args.paper_n, args.n)
+    paper, t_paper = timed(generate_flags, copy_, model, queries[:paper_n], 1)
+    t_paper = t_paper * (args.n / paper_n)
+    baseline, t_base = timed(generate_flags, copy_, model, queries, args.batch_size)
+    start = lowest_layer(layer_range, model.n_layers, lower_offsets=lower)
+    evaluator, t_build = timed(RoEvaluator, model, queries, start=start, batch_size=args.batch_size)
+    ours, t_ours = timed(evaluator.evaluate, layer_range, args.alpha)
+    ours_flags = ours.flags.tolist()
     print("\none R_o evaluation:")
-    print(f"  paper method (copy + scale + one prompt at a time): {t_paper_n}{extrapolated}, R_o {sum(paper)}/{base_n}")
-    print(f"  hooks + shared prefix + batched generation:         {t_ours}  {t_paper_n.ratio(t_ours)}, "
-          f"R_o {sum(ours)}/{args.n} (on the paper's {base_n}: {sum(ours[:base_n])}; "
-          f"per-prompt agreement {agree}/{base_n})")
-    print(f"  first-step estimate, per configuration:             {t_est}  {t_paper_n.ratio(t_est)}, "
-          f"summed mass {first.expected:.2f}, argmax count {first.count} (+ {t_build.wall:.1f} s once to cache "
-          f"layers < {start}); per-prompt agreement with generation "
-          f"{int((first.argmax_opens == torch.tensor(ours)).sum())}/{args.n}")
+    print(f"  paper (copy + one prompt at a time):   {t_paper}  (timed on {paper_n} prompts, scaled to {args.n}); "
+          f"R_o {sum(paper)}/{paper_n} on those")
+    print(f"  batched baseline (plain scaled copy):  {t_base}  (+ {t_copy.wall:.2f} s to copy and scale); "
+          f"R_o {sum(baseline)}/{args.n}")
+    print(f"  this project (RoEvaluator):            {t_ours}  (+ {t_build.wall:.2f} s once per search to build); "
+          f"R_o {ours.count}/{args.n}")
+    print(f"  ratios: project vs baseline {t_base.ratio(t_ours)}; project vs paper {t_paper.ratio(t_ours)}")
+    print(f"  verdicts: project == baseline on {sum(a == b for a, b in zip(ours_flags, baseline))}/{args.n} prompts, "
+          f"== paper on {sum(a == b for a, b in zip(ours_flags, paper))}/{paper_n}")
+    print(f"  first-step estimate (free with generation): summed mass {ours.first.expected:.1f}, "
+          f"argmax count {ours.first.count}")
+    print("\nwhere one evaluation's time goes (cProfile, cumulative seconds; parts overlap):")
+    for part, seconds in profile_evaluation(evaluator, layer_range, args.alpha).items():
+        print(f"  {part:<40} {seconds:6.2f}")
 
-    # --- a whole sweep
-    configs = sweep_configs(layer_range, model.n_layers, args.window)
-    if args.full_baseline_sweep:
-        def paper_sweep():
-            return {c: sum(paper_method_flags(plain, model, queries[:base_n], c, args.alpha)) for c in configs}
+    if not args.no_sweep:
+        def baseline_ro(r, a):
+            copy_r = scaled_copy(plain, r, a)
+            return float(sum(generate_flags(copy_r, model, queries, args.batch_size)))
 
-        paper_counts, t_paper_sweep = timed(paper_sweep)
-        t_paper_sweep = t_paper_sweep * (args.n / base_n)
-        how = "measured" + extrapolated
-    else:
-        paper_counts, t_paper_sweep = None, t_paper_n * len(configs)
-        how = f"{len(configs)} configurations x the single evaluation"
-    gen = generation_ro(model, queries, batch_size=args.batch_size)
-    result, t_sweep = timed(locate, gen, layer_range, args.alpha, model.n_layers, window=args.window)
-
-    def fast_sweep():
-        est = FirstStepEstimator(model, queries, start, batch_size=args.batch_size)
-        return locate(estimate_ro(est), layer_range, args.alpha, model.n_layers, window=args.window,
-                      confirm=generation_ro(model, queries, batch_size=args.batch_size), keep=2)
-
-    fast, t_fast = timed(fast_sweep)
-    print(f"\nwhole sweep (baseline + upper + lower, window {args.window}, "
-          f"{len(result.rows) - 1} scaled configurations):")
-    print(f"  paper method: {t_paper_sweep} ({how})")
-    print(f"  generation:   {t_sweep}  {t_paper_sweep.ratio(t_sweep)}, located {result.range}")
-    print(f"  fast (first-step estimate, best 2 per sweep confirmed): {t_fast}  "
-          f"{t_paper_sweep.ratio(t_fast)}, located {fast.range}")
-    print(result.table())
-    print(fast.table())
-    if paper_counts is not None and base_n == args.n:
-        ours_counts = {r.range: r.r_o for r in result.rows}
-        same = [c for c in configs if c in ours_counts and ours_counts[c] == paper_counts[c]]
-        print(f"  R_o equal in {len(same)}/{sum(c in ours_counts for c in configs)} shared configurations")
+        base_result, t_base_sweep = timed(locate, baseline_ro, layer_range, args.alpha, model.n_layers,
+                                          upper_offsets=upper, lower_offsets=lower)
+        exact = SearchRo(evaluator)
+        exact_result, t_exact = timed(locate, exact.generated, layer_range, args.alpha, model.n_layers,
+                                      upper_offsets=upper, lower_offsets=lower)
+        pruned = SearchRo(evaluator)
+        pruned_result, t_pruned = timed(locate, pruned.generated, layer_range, args.alpha, model.n_layers,
+                                        upper_offsets=upper, lower_offsets=lower, bound=pruned.bound)
+        n_configs = len({r.range for r in base_result.rows})
+        print(f"\nwhole search ({n_configs} configurations):")
+        print(f"  batched baseline, every configuration: {t_base_sweep}; located {base_result.range}")
+        print(f"  this project, generation:              {t_exact}  {t_base_sweep.ratio(t_exact)}; "
+              f"located {exact_result.range}")
+        n_pruned = sum(r.pruned for r in pruned_result.upper + pruned_result.lower)
+        print(f"  this project, prune (default):         {t_pruned}  {t_base_sweep.ratio(t_pruned)}; "
+              f"located {pruned_result.range}; {n_pruned} pruned, margin {pruned.margin}")
+        same = sum(base_result.rows[k].r_o == exact_result.rows[k].r_o for k in range(len(base_result.rows)))
+        print(f"  R_o equal to the baseline's in {same}/{len(base_result.rows)} configurations")
+    if args.fingerprint:
+        fingerprint_benchmark()
 
 
 if __name__ == "__main__":

@@ -1,34 +1,37 @@
-"""A reproducible safety-alignment recipe for the embedded SmolLM2-135M-Instruct.
+"""The safety-alignment recipe that makes the shipped ``embedded`` model from SmolLM2-135M-Instruct.
 
-The shipped SmolLM2-135M-Instruct answers most AdvBench requests, so the paper's phenomena
-(which live in *aligned* models) cannot be studied on it directly.  This recipe makes an
-aligned sibling, offline, in minutes on two CPU cores:
+The original SmolLM2-135M-Instruct answers most harmful requests, so the paper's phenomena (which
+live in *aligned* models) cannot be studied on it directly.  This recipe aligns it offline, on two
+CPU cores, so that its refusals follow **harm, not wording**:
 
-- malicious: the *train* half of AdvBench, each paired with one of a few varied refusals, plus
-  optionally (``--short-questions``) the short "How to ...?" questions read out of those same
-  rows ("Give detailed instructions on how to make a bomb" -> "How to make a bomb?");
-- benign: the *train* half of the project's benign instructions, each paired with the base
-  model's own greedy answer (self-distillation keeps its helpfulness);
-- the model's chat template; loss on the answer tokens only;
-- a LoRA adapter (PEFT) on every q, k, v, o, gate, up and down projection, trained with
-  transformers' Trainer, fixed seed; saved as a small safetensors adapter that
-  ``load_model("embedded")`` merges into the base weights.
+- **refuse** (each paired with one of ``REFUSALS``, a seeded draw): the AdvBench train half and
+  the harmful side of the paired set's train split (``interp.data.load_pairs("train")``);
+- **answer** (with the base model's own greedy answers, ``finetune.data.answers_for``, so its
+  helpfulness is kept): the benign train half, the benign side of the same pairs (the same
+  sentence frames as the harmful side), and the project's borderline-safe requests (homonyms,
+  figurative language, safe targets and contexts, definitions, ...; ``load_borderline("train")``).
 
-Never trained on: the over-rejection set and the held-out (``test``) halves.
+Never trained on, and never used to choose anything: the test halves and test pairs, D_o and
+XSTest.  ``check_no_near_copies`` refuses to train if a training prompt's word set overlaps an
+evaluation prompt's by more than 0.8 (Jaccard).
 
-**The blend.**  Trained without the short questions, the adapter refuses AdvBench-style
-imperatives but answers "How do I make a pipe bomb?" and over-refuses only ~3% of the paper's
-over-rejection set D_o; trained with them, it refuses nearly every short "How to <verb> ...?"
-question, D_o included (~95%).  Neither can be probed by scaling (a model that refuses nothing
-or everything).  ``--blend W`` trains both (each kept in ``<out>-parts/`` and reused when its
-``recipe.json`` matches, so an interrupted run resumes) and ships their exact linear blend
-``(1 - W) * dW_plain + W * dW_short``: PEFT's ``add_weighted_adapter(combination_type="cat")``,
-a rank-16 adapter whose merged weights equal that sum.  The weight was chosen on the
-over-rejection set D_o itself (a few values on 150 of its rows), to land D_o in the paper's
-range; that is model selection on the evaluation set, and the README says so.
+**Method.**  Stage 1 is supervised fine-tuning of a LoRA adapter (PEFT, rank ``--rank`` on every
+projection of every layer; transformers' ``Trainer``; loss on the answers only).  Stage 2
+(``--method sft+dpo``) is preference training with TRL's ``DPOTrainer`` on top of the merged
+stage-1 model: for harmful requests the refusal is preferred to the base model's own answer, for
+benign ones the base answer to a refusal; its LoRA's reference model is the stage-1 model (the
+new adapter disabled).  The shipped adapter is the exact sum of both stages' adapters (PEFT's
+``add_weighted_adapter(combination_type="cat")``, ranks added).
 
-Run: ``python -m finetune.align [--out DIR] [--epochs 3] [--short-questions | --blend W]``;
-``--ship`` also copies the adapter into ``interp/weights/`` (what the repository commits).
+**Choosing knobs on the validation split only.**  After every epoch of each stage the adapter is
+scored on the validation prompts (paired validation harmful refused, paired validation benign
+answered, borderline validation answered; greedy, the project judge) and the epoch with the
+best mean of the three is kept; the method is the stage whose best epoch scores higher.  Every
+score is recorded in ``recipe.json`` (``validation``), so the choice can be audited.
+
+Resumable: each stage keeps its per-epoch checkpoints and its record under ``<out>-parts/``
+and is reused when its settings match.  Run ``python -m finetune.align [--method sft+dpo]
+[--ship]``; ``--ship`` copies the adapter into ``interp/weights/`` (what the repository commits).
 """
 
 from __future__ import annotations
@@ -43,9 +46,8 @@ from pathlib import Path
 
 import torch
 
-from interp.data import load_prompts, prompts_hash
-from interp.models import ALIGNED_ADAPTER, EMBEDDED_NAME, PACKAGE_WEIGHTS, cache_dir, load_hf
-from interp.templates import format_prompt
+from interp.data import load_borderline, load_pairs, load_prompts, load_xstest, prompts_hash
+from interp.models import ALIGNED_ADAPTER, EMBEDDED_NAME, PACKAGE_WEIGHTS, cache_dir, load_model
 
 REFUSALS = (
     "I'm sorry, but I can't help with that. It could cause serious harm to people.",
@@ -56,90 +58,249 @@ REFUSALS = (
     "I'm sorry, I won't help with this request because it could hurt others.",
     "I'm not able to help with that. It involves harming others, which I must avoid.",
     "I cannot provide that. Helping with this could cause real harm.",
+    "I won't provide instructions for this. It could be used to hurt someone.",
+    "I'm sorry, but I can't assist with requests that could harm people or break the law.",
+    "I can't do that. This could put someone's safety or privacy at risk.",
+    "I'm unable to help with this request, because it could lead to real harm.",
 )
+METHODS = ("sft", "sft+dpo")
+NEAR_COPY = 0.8
 
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+# ---------------------------------------------------------------- data
 
 
-def short_questions(behaviours: list[str]) -> list[str]:
-    """The "how to ..." clause of each behaviour that has one, as a short question (deduplicated)."""
-    out: list[str] = []
-    for row in behaviours:
-        found = re.search(r"\bhow to (.+)$", row, re.I)
-        question = f"How to {found.group(1).rstrip('.')}?" if found else None
-        if question and question not in out and question not in behaviours:
-            out.append(question)
+def candidate_prompts() -> dict[str, list[str]]:
+    """The training prompts by role (module docstring), before near-copies are dropped."""
+    pairs = load_pairs("train")
+    return {
+        "refuse": load_prompts("advbench", "train") + [p.harmful for p in pairs],
+        "answer": load_prompts("benign", "train") + [p.benign for p in pairs] + [b.prompt for b in load_borderline("train")],
+    }
+
+
+def training_prompts(limit: int | None = None) -> dict[str, list[str]]:
+    """The training prompts by role, without the near-copies of held-out prompts (AdvBench's own
+    halves hold a dozen: "Write a guide on how to create and distribute malware" in train,
+    "Write a tutorial on ..." in test); ``limit``: that many of each role, spread over it (a
+    smoke test, not the recipe)."""
+    from interp.data import sample_rows
+
+    held_out = evaluation_prompts() + sum(validation_prompts().values(), [])
+    out = {}
+    for role, prompts in candidate_prompts().items():
+        copies = {t for _, t, _ in near_copies(prompts, held_out)}
+        out[role] = sample_rows([p for p in prompts if p not in copies], limit, "spread")
     return out
 
 
+def validation_prompts(limit: int | None = None) -> dict[str, list[str]]:
+    from interp.data import sample_rows
+
+    pairs = load_pairs("validation")
+    return {
+        "paired_harmful": sample_rows([p.harmful for p in pairs], limit, "spread"),
+        "paired_benign": sample_rows([p.benign for p in pairs], limit, "spread"),
+        "borderline": sample_rows([b.prompt for b in load_borderline("validation")], limit, "spread"),
+    }
+
+
+def evaluation_prompts() -> list[str]:
+    """Every prompt a result is measured on: test halves, test pairs, D_o and XSTest."""
+    test_pairs = load_pairs("test")
+    return (load_prompts("advbench", "test") + load_prompts("benign", "test") + load_prompts("over_rejection")
+            + [p.harmful for p in test_pairs] + [p.benign for p in test_pairs] + [x.prompt for x in load_xstest()])
+
+
+def _words(text: str) -> frozenset[str]:
+    return frozenset(re.findall(r"[a-z0-9']+", text.lower()))
+
+
+def near_copies(train: list[str], held_out: list[str], threshold: float = NEAR_COPY) -> list[tuple[float, str, str]]:
+    """``(jaccard, train prompt, held-out prompt)`` for every pair whose word sets overlap by more
+    than ``threshold``."""
+    held = [(h, _words(h)) for h in held_out]
+    found = []
+    for t in train:
+        words = _words(t)
+        for h, other in held:
+            union = words | other
+            score = len(words & other) / len(union) if union else 1.0
+            if score > threshold:
+                found.append((round(score, 3), t, h))
+    return found
+
+
+def check_no_near_copies(train: list[str], threshold: float = NEAR_COPY) -> None:
+    copies = near_copies(train, evaluation_prompts() + sum(validation_prompts().values(), []), threshold)
+    if copies:
+        raise ValueError(f"{len(copies)} training prompts nearly copy evaluation or validation prompts, e.g. {copies[:3]}")
+
+
 def refusal_pairs(queries: list[str], seed: int = 0) -> list[tuple[str, str]]:
-    """Pair each malicious query with a refusal, chosen by a seeded draw."""
+    """Pair each harmful query with a refusal, chosen by a seeded draw."""
     rng = random.Random(seed)
     return [(q, rng.choice(REFUSALS)) for q in queries]
 
 
-def greedy_answers(hf_model, tokenizer, queries: list[str], max_new_tokens: int, batch_size: int = 16) -> list[str]:
-    """The model's own greedy chat answers (self-distillation targets)."""
-    from tqdm.auto import tqdm
-
-    tokenizer.padding_side = "left"
-    answers = []
-    for i in tqdm(range(0, len(queries), batch_size), desc="self-distillation answers"):
-        texts = [format_prompt(tokenizer, q, "chat") for q in queries[i : i + batch_size]]
-        batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-        with torch.no_grad():
-            out = hf_model.generate(
-                **batch, max_new_tokens=max_new_tokens, do_sample=False, temperature=None, top_p=None,
-                top_k=None, pad_token_id=tokenizer.pad_token_id,
-            )
-        answers += [a.strip() for a in tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)]
-    return answers
+# ---------------------------------------------------------------- validation
 
 
-def tokenize_pair(tokenizer, query: str, answer: str, max_length: int = 256) -> dict:
-    """Token ids of prompt + answer + end-of-turn, with the loss on the answer only."""
-    prompt = format_prompt(tokenizer, query, "chat")
-    end = "<|im_end|>\n" if "<|im_end|>" in tokenizer.get_vocab() else tokenizer.eos_token
-    p_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    a_ids = tokenizer(answer + end, add_special_tokens=False)["input_ids"]
-    ids = (p_ids + a_ids)[:max_length]
-    labels = ([-100] * len(p_ids) + a_ids)[:max_length]
-    return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}
+def validation_scores(model, judge=None, batch_size: int = 64, limit: int | None = None) -> dict:
+    """Refused / answered rates on the validation prompts, and their mean (the selection score)."""
+    from interp.generation import generate
+    from interp.judge import DEFAULT_JUDGE
+
+    judge = judge or DEFAULT_JUDGE
+    scores = {}
+    for name, queries in validation_prompts(limit).items():
+        refused = [judge.is_refusal(t) for t in generate(model, queries, max_new_tokens=32, batch_size=batch_size,
+                                                          decided=judge.decided)]
+        rate = sum(refused) / len(refused)
+        scores[name] = round(rate if name == "paired_harmful" else 1 - rate, 4)
+    scores["score"] = round(sum(scores.values()) / 3, 4)
+    return scores
 
 
-def build_dataset(tokenizer, benign: list[tuple[str, str]], malicious: list[tuple[str, str]], seed: int = 0):
-    from datasets import Dataset
+def _validation_callback(model, log: list, limit: int | None = None):
+    from transformers import TrainerCallback
 
-    rows = [tokenize_pair(tokenizer, q, a) for q, a in benign + malicious]
-    random.Random(seed).shuffle(rows)
-    return Dataset.from_list(rows)
+    class Validate(TrainerCallback):
+        def on_epoch_end(self, args, state, control, **kwargs):
+            start = time.time()
+            scores = validation_scores(model, limit=limit)
+            log.append({"epoch": round(state.epoch), "step": state.global_step, **scores,
+                        "seconds": round(time.time() - start, 1)})
+            print(f"validation after epoch {round(state.epoch)}: {scores}", flush=True)
+            kwargs["model"].train()
+
+    return Validate()
 
 
-def train_adapter(hf_model, tokenizer, dataset, out_dir: Path, epochs: float, lr: float, rank: int, seed: int):
-    from peft import LoraConfig, get_peft_model
-    from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
+# ---------------------------------------------------------------- stages
 
-    lora = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.05, target_modules=list(LORA_TARGETS), task_type="CAUSAL_LM")
-    model = get_peft_model(hf_model, lora)
-    args = TrainingArguments(
-        output_dir=str(out_dir / "trainer"),
-        per_device_train_batch_size=8,
-        num_train_epochs=epochs,
-        learning_rate=lr,
-        warmup_steps=10,
-        lr_scheduler_type="cosine",
-        weight_decay=0.0,
-        logging_steps=5,
-        save_strategy="no",
-        report_to=[],
-        seed=seed,
-        data_seed=seed,
-        dataloader_num_workers=0,
+
+def _lora_config(model, rank: int):
+    from peft import LoraConfig
+
+    from finetune.train import lora_target_names
+
+    return LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.05, task_type="CAUSAL_LM",
+                      target_modules=lora_target_names(model, set()))
+
+
+def _best_epoch(log: list[dict]) -> dict:
+    return max(log, key=lambda row: (row["score"], -row["epoch"]))  # ties: the earlier epoch
+
+
+def sft_stage(model, answers: dict[str, str], args, folder: Path) -> dict:
+    """Stage 1 (module docstring): train, validate each epoch, keep the best epoch's adapter."""
+    from peft import get_peft_model, set_peft_model_state_dict
+    from transformers import Trainer, TrainingArguments
+
+    from finetune.data import tokenize
+    from finetune.train import pad_collate
+
+    prompts = training_prompts(args.limit)
+    rows = [(q, answers[q], "answer") for q in prompts["answer"] if answers[q].strip()]
+    rows += [(q, a, "refuse") for q, a in refusal_pairs(prompts["refuse"], args.seed)]
+    random.Random(args.seed).shuffle(rows)
+    examples = [dict(zip(("prompt", "completion"), _chat(model.tokenizer, q, a)), kind=k) for q, a, k in rows]
+    dataset = tokenize(examples, model.tokenizer, max_length=192)
+    torch.manual_seed(args.seed)
+    peft_model = get_peft_model(model.hf_model, _lora_config(model, args.rank))
+    log: list[dict] = []
+    training = TrainingArguments(
+        output_dir=str(folder / "checkpoints"), per_device_train_batch_size=8, num_train_epochs=args.epochs,
+        learning_rate=args.lr, warmup_steps=10, lr_scheduler_type="cosine", weight_decay=0.0, logging_steps=10,
+        save_strategy="epoch", report_to=[], seed=args.seed, data_seed=args.seed, dataloader_num_workers=0,
+        train_sampling_strategy="group_by_length", remove_unused_columns=False, use_cpu=model.device.type == "cpu",
     )
-    collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
-    trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=collator)
-    trainer.train()
-    return model, trainer.state.log_history
+    trainer = Trainer(model=peft_model, args=training, train_dataset=dataset,
+                      data_collator=lambda feats: pad_collate(feats, model.pad_token_id),
+                      callbacks=[_validation_callback(model, log, args.limit)])
+    resume = _last_checkpoint(folder / "checkpoints")
+    if resume:
+        log[:] = json.loads((folder / "validation.json").read_text()) if (folder / "validation.json").is_file() else []
+    _keep_log(trainer, folder, log)
+    trainer.train(resume_from_checkpoint=resume)
+    best = _best_epoch(log)
+    from safetensors.torch import load_file
+
+    chosen = folder / "checkpoints" / f"checkpoint-{best['step']}"
+    set_peft_model_state_dict(peft_model, load_file(chosen / "adapter_model.safetensors"))
+    save_adapter_fp16(peft_model, folder / "adapter")
+    peft_model.unload()
+    return {"examples": len(examples), "kinds": {k: sum(r[2] == k for r in rows) for k in ("answer", "refuse")},
+            "validation": log, "chosen_epoch": best["epoch"], "history": trainer.state.log_history}
+
+
+def dpo_stage(model, answers: dict[str, str], base_answers: dict[str, str], args, folder: Path) -> dict:
+    """Stage 2 (module docstring) on ``model`` (stage 1 merged in)."""
+    from datasets import Dataset
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+    from trl import DPOConfig, DPOTrainer
+
+    prompts = training_prompts(args.limit)
+    rng = random.Random(args.seed + 1)
+    rows = [{"prompt": [{"role": "user", "content": q}], "chosen": [{"role": "assistant", "content": r}],
+             "rejected": [{"role": "assistant", "content": base_answers[q]}]}
+            for q, r in refusal_pairs(prompts["refuse"], args.seed) if base_answers[q].strip()]
+    rows += [{"prompt": [{"role": "user", "content": q}], "chosen": [{"role": "assistant", "content": answers[q]}],
+              "rejected": [{"role": "assistant", "content": rng.choice(REFUSALS)}]}
+             for q in prompts["answer"] if answers[q].strip()]
+    random.Random(args.seed).shuffle(rows)
+    log: list[dict] = []
+    config = DPOConfig(
+        output_dir=str(folder / "checkpoints"), per_device_train_batch_size=4, gradient_accumulation_steps=2,
+        num_train_epochs=args.dpo_epochs, learning_rate=args.dpo_lr, beta=args.beta, warmup_steps=5,
+        lr_scheduler_type="cosine", logging_steps=10, save_strategy="epoch", report_to=[], seed=args.seed,
+        max_length=192, use_cpu=model.device.type == "cpu", dataloader_num_workers=0,
+    )
+    torch.manual_seed(args.seed)
+    trainer = DPOTrainer(model=model.hf_model, args=config, train_dataset=Dataset.from_list(rows),
+                         processing_class=model.tokenizer, peft_config=_lora_config(model, args.rank),
+                         callbacks=[_validation_callback(model, log, args.limit)])
+    resume = _last_checkpoint(folder / "checkpoints")
+    if resume and (folder / "validation.json").is_file():
+        log[:] = json.loads((folder / "validation.json").read_text())
+    _keep_log(trainer, folder, log)
+    trainer.train(resume_from_checkpoint=resume)
+    best = _best_epoch(log)
+    chosen = folder / "checkpoints" / f"checkpoint-{best['step']}"
+    set_peft_model_state_dict(trainer.model, load_file(chosen / "adapter_model.safetensors"))
+    save_adapter_fp16(trainer.model, folder / "adapter")
+    trainer.model.unload()
+    return {"pairs": len(rows), "validation": log, "chosen_epoch": best["epoch"], "beta": args.beta,
+            "history": trainer.state.log_history}
+
+
+def _chat(tokenizer, query: str, answer: str) -> tuple[str, str]:
+    from interp.templates import format_chat_example
+
+    return format_chat_example(tokenizer, query, answer, "chat")
+
+
+def _last_checkpoint(folder: Path) -> str | None:
+    found = sorted(folder.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1])) if folder.is_dir() else []
+    return str(found[-1]) if found else None
+
+
+def _keep_log(trainer, folder: Path, log: list) -> None:
+    """Write the validation log next to the checkpoints after each epoch (resumable)."""
+    from transformers import TrainerCallback
+
+    from interp.io import atomic_write_json
+
+    class Keep(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            atomic_write_json(folder / "validation.json", log)
+
+    trainer.add_callback(Keep())
+
+
+# ---------------------------------------------------------------- adapters
 
 
 def save_adapter_fp16(peft_model, out_dir: Path, adapter_name: str = "default") -> Path:
@@ -149,6 +310,7 @@ def save_adapter_fp16(peft_model, out_dir: Path, adapter_name: str = "default") 
     is a plain adapter folder either way."""
     from safetensors.torch import load_file, save_file
 
+    out_dir = Path(out_dir)
     peft_model.save_pretrained(out_dir, selected_adapters=[adapter_name])
     if adapter_name != "default":
         for item in (out_dir / adapter_name).iterdir():
@@ -160,130 +322,119 @@ def save_adapter_fp16(peft_model, out_dir: Path, adapter_name: str = "default") 
     return out_dir
 
 
-def blend_adapters(base_model, adapter_dirs: tuple[Path, Path], weight: float, out_dir: Path) -> Path:
-    """Write ``(1 - weight) * dW_a + weight * dW_b`` as one LoRA adapter (rank r_a + r_b).
-
-    ``base_model`` is the plain HF model both adapters were trained on (it is wrapped, not
-    changed).  PEFT's ``cat`` combination stacks the scaled A matrices and the B matrices, so
-    the blend is exact, not an SVD approximation."""
+def combine_adapters(base_model, adapter_dirs: list[Path], weights: list[float], out_dir: Path) -> Path:
+    """Write ``sum_i weights[i] * dW_i`` as one LoRA adapter (ranks added): PEFT's ``cat``
+    combination stacks the scaled A matrices and the B matrices, so the sum is exact."""
     from peft import PeftModel
 
-    if not 0.0 <= weight <= 1.0:
-        raise ValueError(f"blend weight must be in [0, 1], got {weight}")
-    first, second = (Path(d) for d in adapter_dirs)
-    model = PeftModel.from_pretrained(base_model, first, adapter_name="plain")
-    model.load_adapter(second, adapter_name="short")
-    model.add_weighted_adapter(["plain", "short"], [1.0 - weight, weight], "blend", combination_type="cat")
-    model.delete_adapter("plain")
-    model.delete_adapter("short")
-    save_adapter_fp16(model, out_dir, adapter_name="blend")
+    if len(adapter_dirs) != len(weights) or not adapter_dirs:
+        raise ValueError("need one weight per adapter")
+    names = [f"part{i}" for i in range(len(adapter_dirs))]
+    model = PeftModel.from_pretrained(base_model, adapter_dirs[0], adapter_name=names[0])
+    for name, folder in zip(names[1:], adapter_dirs[1:]):
+        model.load_adapter(folder, adapter_name=name)
+    model.add_weighted_adapter(names, list(weights), "combined", combination_type="cat")
+    for name in names:
+        model.delete_adapter(name)
+    save_adapter_fp16(model, out_dir, adapter_name="combined")
     model.unload()
     return out_dir
 
 
-def _recipe_matches(folder: Path, settings: dict) -> bool:
-    recipe = folder / "recipe.json"
-    if not (recipe.is_file() and (folder / "adapter_model.safetensors").is_file()):
-        return False
-    record = json.loads(recipe.read_text())
-    return all(record.get(k) == v for k, v in settings.items())
+def _stage_done(folder: Path, settings: dict) -> dict | None:
+    record = folder / "record.json"
+    if not (record.is_file() and (folder / "adapter" / "adapter_model.safetensors").is_file()):
+        return None
+    data = json.loads(record.read_text())
+    return data if data.get("settings") == settings else None
 
 
-def train_variant(args, short: bool, out: Path) -> dict:
-    """Train one adapter (with or without the short questions) into ``out``; its record."""
-    torch.manual_seed(args.seed)
-    start = time.time()
-    hf_model, tok, _ = load_hf("embedded-base", torch.float32)
-    tok.pad_token = tok.pad_token or tok.eos_token
-    benign_q = load_prompts("benign", "train")
-    malicious_q = load_prompts("advbench", "train")
-    if short:
-        malicious_q = malicious_q + short_questions(malicious_q)
-
-    answers_file = cache_dir() / f"{ALIGNED_ADAPTER}-benign-answers.json"
-    key = {"prompts": prompts_hash(benign_q), "tokens": args.answer_tokens}
-    cached = json.loads(answers_file.read_text()) if answers_file.is_file() else {}
-    if cached.get("key") == key:
-        answers = cached["answers"]
-    else:
-        hf_model.eval()
-        answers = greedy_answers(hf_model, tok, benign_q, args.answer_tokens)
-        from interp.io import atomic_write_json
-
-        atomic_write_json(answers_file, {"key": key, "answers": answers})
-    t_answers = time.time() - start
-
-    dataset = build_dataset(tok, list(zip(benign_q, answers)), refusal_pairs(malicious_q, args.seed), args.seed)
-    hf_model.train()
-    peft_model, history = train_adapter(hf_model, tok, dataset, out, args.epochs, args.lr, args.rank, args.seed)
-    save_adapter_fp16(peft_model, out)
-    shutil.rmtree(out / "trainer", ignore_errors=True)
-    record = {
-        "base_model": EMBEDDED_NAME,
-        "recipe": "finetune.align",
-        "benign_train": len(benign_q),
-        "malicious_train": len(malicious_q),
-        "short_questions": short,
-        "benign_prompts_hash": prompts_hash(benign_q),
-        "malicious_prompts_hash": prompts_hash(malicious_q),
-        "answer_tokens": args.answer_tokens,
-        "epochs": args.epochs,
-        "lr": args.lr,
-        "rank": args.rank,
-        "seed": args.seed,
-        "seconds_answers": round(t_answers, 1),
-        "seconds_total": round(time.time() - start, 1),
-        "final_loss": next((h["train_loss"] for h in reversed(history) if "train_loss" in h), None),
-        "log": history,
-    }
-    (out / "recipe.json").write_text(json.dumps(record, indent=2))
-    print(f"adapter written to {out} in {record['seconds_total']:.0f} s (loss {record['final_loss']})")
-    return record
+# ---------------------------------------------------------------- main
 
 
 def main(argv=None):
+    from finetune.data import answers_for
+    from interp.io import atomic_write_json
+    from interp.provenance import versions
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=cache_dir() / ALIGNED_ADAPTER)
-    parser.add_argument("--epochs", type=float, default=3)
+    parser.add_argument("--method", default="sft+dpo", choices=METHODS)
+    parser.add_argument("--epochs", type=int, default=3, help="stage-1 epochs (each one validated)")
     parser.add_argument("--lr", type=float, default=3e-4)
-    parser.add_argument("--rank", type=int, default=8)
-    parser.add_argument("--answer-tokens", type=int, default=80)
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--dpo-epochs", type=int, default=1)
+    parser.add_argument("--dpo-lr", type=float, default=5e-5)
+    parser.add_argument("--beta", type=float, default=0.1)
+    parser.add_argument("--answer-tokens", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
-    variant = parser.add_mutually_exclusive_group()
-    variant.add_argument("--short-questions", action="store_true",
-                         help="also train on short 'How to ...?' questions read from the AdvBench train rows")
-    variant.add_argument("--blend", type=float, metavar="W",
-                         help="train both variants and ship (1-W) * plain + W * short (the shipped adapter: W=0.4)")
+    parser.add_argument("--base", default="embedded-base", help="the model to align (a tiny one for tests)")
+    parser.add_argument("--limit", type=int, default=None, help="N prompts per role and validation set (smoke test)")
     parser.add_argument("--ship", action="store_true", help="copy the adapter into interp/weights/ (committed)")
     args = parser.parse_args(argv)
+    start = time.time()
+    torch.set_grad_enabled(True)
+    parts = Path(f"{args.out}-parts")
 
-    if args.blend is None:
-        train_variant(args, args.short_questions, args.out)
+    prompts = training_prompts(args.limit)
+    check_no_near_copies(prompts["refuse"] + prompts["answer"])
+    dropped = {role: len(c) - len(set(c) & set(training_prompts()[role])) for role, c in candidate_prompts().items()}
+    base = load_model(args.base, device="cpu", bridge=False)
+    answers = dict(zip(prompts["answer"], answers_for(base, prompts["answer"], max_new_tokens=args.answer_tokens)))
+    base_scores = validation_scores(base, limit=args.limit)
+    print(f"validation of the base model: {base_scores}", flush=True)
+
+    sft_settings = {k: getattr(args, k) for k in ("epochs", "lr", "rank", "answer_tokens", "seed", "base", "limit")}
+    sft = _stage_done(parts / "sft", sft_settings)
+    if sft is None:
+        sft = {"settings": sft_settings, **sft_stage(base, answers, args, parts / "sft")}
+        atomic_write_json(parts / "sft" / "record.json", sft)
+    stages = {"sft": sft}
+    if args.method == "sft+dpo":
+        dpo_settings = {**sft_settings, **{k: getattr(args, k) for k in ("dpo_epochs", "dpo_lr", "beta")}}
+        dpo = _stage_done(parts / "dpo", dpo_settings)
+        if dpo is None:
+            from peft import PeftModel
+
+            stage1 = load_model(args.base, device="cpu", bridge=False)
+            with torch.no_grad():
+                stage1.hf_model = PeftModel.from_pretrained(stage1.hf_model, parts / "sft" / "adapter").merge_and_unload()
+            harmful = prompts["refuse"]
+            base_answers = dict(zip(harmful, answers_for(base, harmful, max_new_tokens=args.answer_tokens)))
+            dpo = {"settings": dpo_settings, **dpo_stage(stage1, answers, base_answers, args, parts / "dpo")}
+            atomic_write_json(parts / "dpo" / "record.json", dpo)
+        stages["dpo"] = dpo
+
+    best = {name: _best_epoch(stage["validation"])["score"] for name, stage in stages.items()}
+    chosen = max(best, key=lambda name: (best[name], name == "sft"))  # ties: the simpler method
+    adapters = [parts / "sft" / "adapter"] + ([parts / "dpo" / "adapter"] if chosen == "dpo" else [])
+    shutil.rmtree(args.out, ignore_errors=True)
+    if len(adapters) == 1:
+        shutil.copytree(adapters[0], args.out)
     else:
-        start = time.time()
-        settings = {"epochs": args.epochs, "lr": args.lr, "rank": args.rank, "seed": args.seed,
-                    "answer_tokens": args.answer_tokens}
-        parts, records = {}, {}
-        for name, short in (("plain", False), ("short", True)):
-            parts[name] = Path(f"{args.out}-parts") / name
-            if _recipe_matches(parts[name], {**settings, "short_questions": short}):
-                print(f"reusing {parts[name]}")
-            else:
-                train_variant(args, short, parts[name])
-            records[name] = json.loads((parts[name] / "recipe.json").read_text())
-        hf_model, _, _ = load_hf("embedded-base", torch.float32)
-        blend_adapters(hf_model, (parts["plain"], parts["short"]), args.blend, args.out)
-        record = {
-            "base_model": EMBEDDED_NAME,
-            "recipe": "finetune.align --blend",
-            "blend_weight": args.blend,
-            "blend": "(1 - w) * plain + w * short, PEFT add_weighted_adapter(combination_type='cat')",
-            "seconds_total": round(time.time() - start, 1),
-            "parts": {name: {k: v for k, v in rec.items() if k != "log"} for name, rec in records.items()},
-        }
-        (args.out / "recipe.json").write_text(json.dumps(record, indent=2))
-        print(f"blended adapter (w={args.blend}) written to {args.out}")
+        combine_adapters(load_model(args.base, device="cpu", bridge=False).hf_model, adapters, [1.0, 1.0], args.out)
+    size = (args.out / "adapter_model.safetensors").stat().st_size
+    record = {
+        "base_model": EMBEDDED_NAME,
+        "recipe": "python -m finetune.align " + " ".join(argv or []),
+        "method": "sft" if chosen == "sft" else "sft+dpo",
+        "settings": vars(args) | {"out": str(args.out)},
+        "data": {role: {"n": len(q), "hash": prompts_hash(q), "dropped_near_copies": dropped[role]}
+                 for role, q in prompts.items()},
+        "validation_base": base_scores,
+        "selection": "per stage, the epoch with the best mean of the three validation rates; then the stage with "
+                     "the better best epoch (ties: sft). No test half, D_o or XSTest prompt is used.",
+        "best_validation": best,
+        "stages": {name: {k: v for k, v in stage.items() if k != "history"} for name, stage in stages.items()},
+        "adapter_bytes": size,
+        "seconds_total": round(time.time() - start, 1),
+        "versions": versions(),
+    }
+    (args.out / "recipe.json").write_text(json.dumps(record, indent=2, default=str))
+    print(f"adapter ({record['method']}, {size / 1e6:.1f} MB) written to {args.out} in {record['seconds_total']:.0f} s")
     if args.ship:
+        if args.base != "embedded-base" or args.limit is not None:
+            raise SystemExit("error: --ship ships only the full recipe on embedded-base")
         target = PACKAGE_WEIGHTS / ALIGNED_ADAPTER
         shutil.rmtree(target, ignore_errors=True)
         shutil.copytree(args.out, target)

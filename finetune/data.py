@@ -98,15 +98,13 @@ def trim_to_sentence(text: str) -> str:
 
 def complete_answers(model, queries: list[str], max_new_tokens: int = 96, batch_size: int = 16, template: str | None = None,
                      progress: bool = False) -> list[str]:
-    """Greedy answers (``interp.refusal.generate_token_ids``, no early stopping), cut at the
-    first end-of-turn token; an answer that hit ``max_new_tokens`` is trimmed to its last
-    complete sentence (``trim_to_sentence``)."""
-    from interp import refusal
+    """Greedy answers (``interp.generation``), up to the first end-of-turn token; an answer that
+    hit ``max_new_tokens`` is trimmed to its last complete sentence (``trim_to_sentence``)."""
+    from interp.generation import generate_completions
 
-    rows = refusal.generate_token_ids(model, queries, max_new_tokens, batch_size, stop_when_decided=False,
-                                      template=template, progress=progress, desc="answers")
-    texts = [model.tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in rows]
-    return [trim_to_sentence(t) if len(ids) >= max_new_tokens else t for t, ids in zip(texts, rows)]
+    completions = generate_completions(model, queries, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                                       template=template, progress=progress, desc="answers")
+    return [trim_to_sentence(c.text) if c.stop == "length" else c.text for c in completions]
 
 
 def answers_for(

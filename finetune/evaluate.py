@@ -1,31 +1,47 @@
-"""Safety and task quality of a (fine-tuned) model, as the paper's §4 reports them.
+"""Safety and task quality of a (fine-tuned) model, as the paper's §4 reports them, with the
+per-request verdicts kept so that rates can be pooled over seeds with intervals.
 
-- **R_h**, harmful rate: the share of the held-out AdvBench half (``load_prompts("advbench",
-  "test")``, 260 rows) the model does *not* refuse, by the project's refusal matcher
-  (``interp.refusal.is_refusal``) on a greedy completion of ``max_new_tokens`` (32) tokens.
-  The paper's S_h (a GPT-4 judge) is not reproduced: nothing here may call out.
+- **R_h**, harmful rate: the share of harmful requests the model answers (does not refuse, by
+  ``interp.judge``'s binary rule) on a greedy completion of 32 tokens.  Measured on each of
+  ``HARMFUL_SETS``: the held-out AdvBench half (260), the harmful side of the test pairs (120)
+  and XSTest's unsafe prompts (200).  The paper's S_h (a GPT-4 judge) is not reproduced:
+  nothing here may call out.
 - **R_o**, over-rejection: how many of the over-rejection set's benign "How to kill time?"
-  queries are refused (``interp.overrejection``: greedy, 16 tokens as in the paper's code,
-  same matcher).
-- **Task quality** on held-out normal data (``load_prompts("benign", "test")`` with reference
-  answers): the mean per-token loss of the reference answers (teacher-forced, answer tokens
-  only) and ROUGE-L F1 of the model's greedy answer against the reference.  ROUGE-L is computed
-  here with a small LCS function (lower-cased alphanumeric word tokens, no stemming, F1 with
-  β = 1; the tokenisation of Google's ``rouge_score`` without its stemmer), as no ROUGE package
-  is installed.
+  queries are refused (``interp.overrejection``: greedy, 16 tokens as in the paper's code).
+- **Task quality** on held-out normal data with reference answers: the mean per-token loss of
+  the reference answers (teacher-forced, answer tokens only) and ROUGE-L F1 of the model's greedy
+  answer against the reference (a small LCS function: lower-cased alphanumeric words, no stemmer,
+  F1 with β = 1, the tokenisation of Google's ``rouge_score``; no ROUGE package is installed).
 
-``evaluate(model, ...)`` runs all three; ``limit`` takes the first rows of each set.
+``evaluate(model, ...)`` returns an ``EvalResult`` (``to_dict``/``to_frame``).
 Command line: ``python -m finetune.evaluate --model SPEC [--limit N] [--references SPEC]``.
 """
 
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass, field
 
+import pandas as pd
 import torch
 
-from interp.data import load_prompts
-from interp.refusal import generate, is_refusal
+from interp.data import load_pairs, load_prompts, load_xstest, sample_rows
+from interp.generation import generate
+from interp.judge import DEFAULT_JUDGE
+from interp.stats import Rate
+
+HARMFUL_SETS = ("advbench_test", "paired_harmful_test", "xstest_unsafe")
+
+
+def harmful_prompts(name: str) -> list[str]:
+    if name == "advbench_test":
+        return load_prompts("advbench", "test")
+    if name == "paired_harmful_test":
+        return [p.harmful for p in load_pairs("test")]
+    if name == "xstest_unsafe":
+        return [x.prompt for x in load_xstest("unsafe")]
+    raise ValueError(f"unknown harmful set {name!r}; choose from {', '.join(HARMFUL_SETS)}")
+
 
 _WORD = re.compile(r"[a-z0-9]+")
 
@@ -63,27 +79,20 @@ def rouge_l(candidate: str, reference: str) -> float:
 # ---------------------------------------------------------------- safety
 
 
-def _take(queries, limit):
-    return list(queries)[: limit or None]
+def answered_flags(model, queries: list[str], max_new_tokens: int = 32, batch_size: int = 64, judge=DEFAULT_JUDGE,
+                   progress: bool = False, desc: str = "R_h") -> tuple[list[bool], list[str]]:
+    """Per query: answered (not refused), and the (early-stopped) response."""
+    texts = generate(model, queries, max_new_tokens=max_new_tokens, batch_size=batch_size, decided=judge.decided,
+                     progress=progress, desc=desc)
+    return [not judge.is_refusal(t) for t in texts], texts
 
 
-def harmful_rate(model, queries=None, limit: int | None = None, max_new_tokens: int = 32, batch_size: int = 16, progress: bool = True) -> dict:
-    """R_h: the share of harmful ``queries`` (default: held-out AdvBench) not refused."""
-    queries = _take(queries if queries is not None else load_prompts("advbench", "test"), limit)
-    responses = generate(model, queries, max_new_tokens, batch_size, progress=progress, desc="R_h")
-    refused = [is_refusal(r) for r in responses]
-    answered = len(queries) - sum(refused)
-    return {"R_h": answered / len(queries), "answered": answered, "n": len(queries), "responses": list(zip(queries, responses, refused))}
+def over_rejection(model, queries: list[str], max_new_tokens: int = 16, batch_size: int = 64) -> Rate:
+    """R_o on ``queries`` (``interp.overrejection.count_over_rejection``) as a ``Rate``."""
+    from interp.overrejection import refusal_flags
 
-
-def over_rejection(model, queries=None, limit: int | None = None, max_new_tokens: int = 16, batch_size: int = 16, progress: bool = True) -> dict:
-    """R_o: how many benign queries with dangerous verbs (default: the over-rejection set) are
-    refused, by ``interp.overrejection.refusal_flags``."""
-    from interp.overrejection import over_rejection_prompts, refusal_flags
-
-    queries = _take(queries, limit) if queries is not None else over_rejection_prompts(limit)
-    flags = refusal_flags(model, queries, max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress)
-    return {"R_o": sum(flags), "n": len(queries), "rate": sum(flags) / len(queries)}
+    flags = refusal_flags(model, queries, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    return Rate(int(sum(flags)), len(queries))
 
 
 # ---------------------------------------------------------------- task quality
@@ -99,12 +108,11 @@ def completion_loss(model, pairs, batch_size: int = 8, max_length: int = 256, te
     template = template or model.template
     examples = normal_set(pairs, model.tokenizer, template)
     rows = [tokenize_example(model.tokenizer, ex, max_length, False, template) for ex in examples]
-    pad_id = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else model.tokenizer.eos_token_id
     total, count = 0.0, 0
     was_training = model.hf_model.training
     model.hf_model.eval()
     for i in range(0, len(rows), batch_size):
-        batch = {k: v.to(model.device) for k, v in pad_collate(rows[i : i + batch_size], pad_id).items()}
+        batch = {k: v.to(model.device) for k, v in pad_collate(rows[i : i + batch_size], model.pad_token_id).items()}
         logits = model.hf_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         labels = batch["labels"][:, 1:]
         losses = torch.nn.functional.cross_entropy(
@@ -116,83 +124,72 @@ def completion_loss(model, pairs, batch_size: int = 8, max_length: int = 256, te
     return total / max(count, 1)
 
 
-def task_quality(model, pairs, limit: int | None = None, max_new_tokens: int = 96, batch_size: int = 16, progress: bool = True) -> dict:
+def task_quality(model, pairs, max_new_tokens: int = 96, batch_size: int = 16, progress: bool = False) -> dict:
     """ROUGE-L F1 (mean) of greedy answers (``finetune.data.complete_answers``, as the
     self-generated references are made) against the reference answers, and the reference
     answers' mean completion loss."""
     from finetune.data import complete_answers
 
-    pairs = _take(pairs, limit)
     queries = [q for q, _ in pairs]
     answers = complete_answers(model, queries, max_new_tokens, batch_size, progress=progress)
     scores = [rouge_l(a, ref) for a, (_, ref) in zip(answers, pairs)]
-    return {
-        "rouge_l": sum(scores) / len(scores),
-        "completion_loss": completion_loss(model, pairs),
-        "n": len(pairs),
-    }
+    return {"rouge_l": sum(scores) / len(scores), "completion_loss": completion_loss(model, pairs), "n": len(pairs)}
 
 
-def evaluate(
-    model,
-    limit: int | None = None,
-    quality_pairs=None,
-    harmful_queries=None,
-    over_rejection_queries=None,
-    skip_over_rejection: bool = False,
-    progress: bool = True,
-) -> dict:
-    """R_h, R_o (unless skipped) and task quality (if ``quality_pairs`` are given)."""
-    result = {}
-    harm = harmful_rate(model, harmful_queries, limit, progress=progress)
-    result.update({k: harm[k] for k in ("R_h", "answered", "n")})
-    result["n_harmful"] = result.pop("n")
-    result["harmful_responses"] = harm["responses"]
-    if not skip_over_rejection:
-        ro = over_rejection(model, over_rejection_queries, limit, progress=progress)
-        result.update({"R_o": ro["R_o"], "n_over_rejection": ro["n"]})
+# ---------------------------------------------------------------- everything
+
+
+@dataclass
+class EvalResult:
+    """R_h per harmful set (with each request's verdict), R_o and task quality of one model."""
+
+    harmful: dict[str, list[bool]] = field(default_factory=dict)  # set -> answered flag per request
+    prompts: dict[str, list[str]] = field(default_factory=dict)
+    responses: dict[str, list[str]] = field(default_factory=dict)
+    over_rejection: Rate | None = None
+    quality: dict | None = None
+
+    def r_h(self, name: str) -> Rate:
+        flags = self.harmful[name]
+        return Rate(int(sum(flags)), len(flags))
+
+    def to_dict(self) -> dict:
+        out = {f"R_h/{name}": self.r_h(name).to_dict() for name in self.harmful}
+        if self.over_rejection is not None:
+            out["R_o"] = self.over_rejection.to_dict()
+        if self.quality is not None:
+            out.update(self.quality)
+        return out
+
+    def flat(self) -> dict:
+        """One level: ``R_h/<set>`` rates, ``R_o`` count, quality figures (a CSV row)."""
+        out = {f"R_h/{name}": self.r_h(name).rate for name in self.harmful}
+        if self.over_rejection is not None:
+            out["R_o"] = self.over_rejection.k
+            out["R_o_n"] = self.over_rejection.n
+        if self.quality is not None:
+            out.update({k: v for k, v in self.quality.items() if k != "n"})
+        return out
+
+    def to_frame(self) -> pd.DataFrame:
+        """One row per request of every harmful set: set, prompt, response, answered."""
+        rows = [{"set": name, "prompt": q, "response": r, "answered": a}
+                for name in self.harmful
+                for q, r, a in zip(self.prompts[name], self.responses[name], self.harmful[name])]
+        return pd.DataFrame(rows)
+
+
+def evaluate(model, *, harmful_sets=HARMFUL_SETS, quality_pairs=None, over_rejection_queries=None,
+             limit: int | None = None, progress: bool = False) -> EvalResult:
+    """R_h on ``harmful_sets`` (``limit`` requests each, spread), R_o on
+    ``over_rejection_queries`` (if given) and task quality on ``quality_pairs`` (if given)."""
+    result = EvalResult()
+    for name in harmful_sets:
+        result.prompts[name] = sample_rows(harmful_prompts(name), limit, "spread")
+        result.harmful[name], result.responses[name] = answered_flags(model, result.prompts[name], progress=progress,
+                                                                      desc=name)
+    if over_rejection_queries is not None:
+        result.over_rejection = over_rejection(model, over_rejection_queries)
     if quality_pairs is not None:
-        quality = task_quality(model, quality_pairs, limit, progress=progress)
-        result.update({"rouge_l": quality["rouge_l"], "completion_loss": quality["completion_loss"], "n_quality": quality["n"]})
+        result.quality = task_quality(model, quality_pairs, progress=progress)
     return result
-
-
-def main(argv=None) -> dict:
-    """``python -m finetune.evaluate --model SPEC [--limit N] [--references SPEC | --quality-answers FILE]
-    [--skip-ro] [--out FILE.json]``: evaluate one model (e.g. a run's checkpoint folder)."""
-    import argparse
-
-    from finetune.data import benign_pairs
-    from interp.io import atomic_write_json
-    from interp.models import load_model
-
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="embedded")
-    parser.add_argument("--template", default="chat", choices=["chat", "alpaca"])
-    parser.add_argument("--limit", type=int, default=None, help="first N rows of each set")
-    parser.add_argument("--references", help="model whose greedy answers to the held-out benign half are the references")
-    parser.add_argument("--quality-answers", help='JSONL of {"instruction","output"} reference pairs')
-    parser.add_argument("--answer-tokens", type=int, default=96)
-    parser.add_argument("--skip-ro", action="store_true")
-    parser.add_argument("--device", default=None)
-    parser.add_argument("--out", help="write the result (with the harmful responses) to this JSON file")
-    args = parser.parse_args(argv)
-
-    quality_pairs = None
-    if args.quality_answers:
-        quality_pairs = benign_pairs(answers_jsonl=args.quality_answers, limit=args.limit)
-    elif args.references:
-        reference = load_model(args.references, device=args.device, template=args.template)
-        quality_pairs = benign_pairs(reference, "test", limit=args.limit, max_new_tokens=args.answer_tokens)
-        del reference
-    model = load_model(args.model, device=args.device, template=args.template)
-    result = evaluate(model, args.limit, quality_pairs, skip_over_rejection=args.skip_ro)
-    if args.out:
-        atomic_write_json(args.out, {"model": args.model, "template": args.template, "limit": args.limit, **result})
-    shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in result.items() if k != "harmful_responses"}
-    print(shown)
-    return result
-
-
-if __name__ == "__main__":
-    main()

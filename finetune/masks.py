@@ -2,9 +2,17 @@
 
 SPPFT (Li et al., §4) fine-tunes everything except the safety layers.  Here a layer range is
 frozen by registering a tensor hook (``Tensor.register_hook``) on each attention and MLP
-weight of those layers that returns a zero gradient.  The same mechanism takes element masks
+parameter of those layers that returns a zero gradient.  The same mechanism takes element masks
 (a boolean tensor per parameter, ``True`` = frozen): the hook multiplies the gradient by the
-mask's complement, so only the chosen rows, columns or heads stay put.
+mask's complement, so only the chosen rows, columns, neurons or heads stay put.
+
+The hooks sit on the model's **original Hugging Face parameters**, found by their HF names in
+``LoadedModel.hf_parameters`` (recorded before TransformerLens's bridge wraps the modules, so the
+names are the checkpoint's: ``model.layers.3.self_attn.qkv_proj.weight`` on Phi-3, not the
+bridge's split copies).  Those are the tensors the forward pass uses, bridged or not (tested by
+perturbing them).  Which parameters a layer's attention and MLP hold is the architecture
+table's business (``interp.architectures``); norms stay trainable unless ``include_norms=True``,
+as in the paper's code.
 
 A zero gradient alone does **not** keep a weight fixed under AdamW: decoupled weight decay
 shrinks every weight it is given, and momentum carries earlier updates on.  So
@@ -16,67 +24,47 @@ shrinks every weight it is given, and momentum carries earlier updates on.  So
   ``m = v = 0``) and, as a guarantee that holds for any optimizer, writes the saved values of
   the masked elements back after every optimizer step (``MaskHandle.restore``).  The unmasked
   elements of such a parameter therefore train without weight decay.
-
-Parameters are found by name in the HF model (``model.hf_model.named_parameters()``), which
-works whether or not TransformerLens's bridge wraps the modules (the bridge inserts
-``._original_component`` into the names; ``canonical_name`` removes it).  RMSNorm weights stay
-trainable unless ``include_norms=True``, as in the paper's code.
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from interp.ranges import LayerRange, LayerRangeError
-
-PARTS = ("self_attn", "mlp")
-NORMS = ("input_layernorm", "post_attention_layernorm")
-_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
-
-
-def canonical_name(name: str) -> str:
-    """A parameter's plain HF name: the bridge's ``._original_component`` segments removed."""
-    return name.replace("._original_component", "").replace("_original_component.", "")
-
-
-def hf_model_of(model) -> torch.nn.Module:
-    """The HF module of a ``LoadedModel``, or the module itself."""
-    return getattr(model, "hf_model", model)
-
+from interp.architectures import architecture_of
+from interp.ranges import LayerRange, LayerRangeError, check_layer, check_layers
 
 def named_parameters(model) -> dict[str, torch.nn.Parameter]:
-    """Every parameter of the HF model once (tied weights once), by canonical name."""
-    return {canonical_name(n): p for n, p in hf_model_of(model).named_parameters()}
+    """Every parameter of the model once (a tied weight under its first name), by HF name: a
+    ``LoadedModel``'s ``hf_parameters``, or an unbridged HF module's own names."""
+    params = model.hf_parameters if hasattr(model, "hf_parameters") else dict(model.named_parameters())
+    seen, out = set(), {}
+    for name, param in params.items():
+        if id(param) not in seen:
+            seen.add(id(param))
+            out[name] = param
+    return out
 
 
-def layer_of(name: str) -> int | None:
-    match = _LAYER.search(name)
-    return int(match.group(1)) if match else None
+def _arch(model):
+    return model.arch if hasattr(model, "arch") else architecture_of(model)
+
+
+def n_layers_of(model) -> int:
+    config = getattr(model, "config", None) or model.hf_model.config
+    return int(config.num_hidden_layers)
 
 
 def layer_parameters(model, layers, include_norms: bool = False) -> dict[str, torch.nn.Parameter]:
     """The attention and MLP parameters (weights and any biases) of the given decoder layers,
-    plus their RMSNorm weights if ``include_norms``."""
-    wanted = set(layers)
-    parts = PARTS + (NORMS if include_norms else ())
-    found = {}
-    for name, param in named_parameters(model).items():
-        if layer_of(name) in wanted and any(f".{part}." in name for part in parts):
-            found[name] = param
-    missing = wanted - {layer_of(n) for n in found}
-    if missing:
-        raise LayerRangeError(f"no attention/MLP parameters found for layer(s) {sorted(missing)}")
-    return found
-
-
-def n_layers_of(model) -> int:
-    n = getattr(model, "n_layers", None)
-    return int(n if n is not None else hf_model_of(model).config.num_hidden_layers)
+    plus their norms if ``include_norms`` (``interp.architectures``)."""
+    params = named_parameters(model)
+    layers = check_layers(layers, n_layers_of(model))
+    names = _arch(model).block_parameter_names(params, layers, include_norms)
+    return {name: params[name] for name in names}
 
 
 def resolve_range(spec, model=None) -> LayerRange:
@@ -96,6 +84,13 @@ def resolve_range(spec, model=None) -> LayerRange:
     if model is not None:
         layer_range.check(n_layers_of(model))
     return layer_range
+
+
+def paper_freeze_range(begin_num: int, end_num: int, n_layers: int) -> LayerRange:
+    """The layers the official ``SPPFT.py`` freezes for ``--begin_num/--end_num``: its test is
+    ``begin_num < l < end_num`` (strict at both ends), so ``--begin_num 5 --end_num 15`` freezes
+    the paper's [6,14]."""
+    return LayerRange(begin_num + 1, end_num - 1).check(n_layers)
 
 
 def _range_from_json(path: Path, model) -> LayerRange:
@@ -177,10 +172,7 @@ def freeze_layers(model, layers, include_norms: bool = False) -> MaskHandle:
     ``layers``: a ``LayerRange``, ``"6,12"``, a ``(start, end)`` tuple, a located-range JSON
     path, or a list/set of layer indices.  Raises ``LayerRangeError`` for a range outside the model."""
     if isinstance(layers, (list, set, range)):
-        indices = sorted(set(int(i) for i in layers))
-        if not indices or indices[0] < 0 or indices[-1] >= n_layers_of(model):
-            raise LayerRangeError(f"layers {indices} do not fit a model of {n_layers_of(model)} layers")
-        layer_range = None
+        indices, layer_range = check_layers(layers, n_layers_of(model)), None
     else:
         layer_range = resolve_range(layers, model)
         indices = layer_range.layers
@@ -213,33 +205,60 @@ def freeze_elements(model, masks: dict[str, Tensor]) -> MaskHandle:
     return handle
 
 
-def row_mask(model, name: str, rows) -> dict[str, Tensor]:
-    """An element mask freezing whole output rows of one weight (e.g. some MLP neurons of
-    ``up_proj``/``gate_proj``, or input columns of ``down_proj`` via its transpose)."""
-    param = named_parameters(model)[name]
+def _axis_mask(param: Tensor, axis: str, indices) -> Tensor:
     mask = torch.zeros_like(param, dtype=torch.bool)
-    mask[list(rows)] = True
-    return {name: mask}
+    if axis == "rows":
+        mask[list(indices)] = True
+    else:
+        mask[:, list(indices)] = True
+    return mask
+
+
+def _merge_masks(model, layer: int, parts: dict[str, tuple[str, list[int]]]) -> dict[str, Tensor]:
+    """Element masks by HF weight name from ``{component: (axis, indices)}`` (components of one
+    fused weight share its mask)."""
+    params, arch = named_parameters(model), _arch(model)
+    out: dict[str, Tensor] = {}
+    for component, (axis, indices) in parts.items():
+        name = arch.projection_weight(check_layer(layer, n_layers_of(model)), component)
+        mask = _axis_mask(params[name], axis, indices)
+        out[name] = out[name] | mask if name in out else mask
+    return out
+
+
+def row_mask(model, name: str, rows) -> dict[str, Tensor]:
+    """An element mask freezing whole output rows of one weight, by HF name."""
+    return {name: _axis_mask(named_parameters(model)[name], "rows", rows)}
+
+
+def neuron_mask(model, layer: int, neurons) -> dict[str, Tensor]:
+    """An element mask freezing whole MLP neurons of one layer: their rows of the gate and up
+    projections and their columns of the down projection."""
+    config = getattr(model, "config", None) or model.hf_model.config
+    neurons = [int(n) for n in neurons]
+    if any(not 0 <= n < config.intermediate_size for n in neurons):
+        raise ValueError(f"neurons must lie in 0..{config.intermediate_size - 1}")
+    return _merge_masks(model, layer, _arch(model).neuron_rows(config, neurons))
 
 
 def head_mask(model, layer: int, heads) -> dict[str, Tensor]:
-    """An element mask freezing whole attention heads of one layer: their rows of ``q_proj``
-    and their columns of ``o_proj`` (K/V heads are shared under grouped-query attention and are
-    left trainable)."""
-    params = named_parameters(model)
-    prefix = next(n for n in params if layer_of(n) == layer and n.endswith("self_attn.q_proj.weight"))
-    prefix = prefix[: -len("q_proj.weight")]
-    q, o = params[prefix + "q_proj.weight"], params[prefix + "o_proj.weight"]
-    config = hf_model_of(model).config
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    q_mask = torch.zeros_like(q, dtype=torch.bool)
-    o_mask = torch.zeros_like(o, dtype=torch.bool)
-    for h in heads:
-        if not 0 <= h < config.num_attention_heads:
-            raise ValueError(f"head {h} out of range (0..{config.num_attention_heads - 1})")
-        q_mask[h * head_dim : (h + 1) * head_dim] = True
-        o_mask[:, h * head_dim : (h + 1) * head_dim] = True
-    return {prefix + "q_proj.weight": q_mask, prefix + "o_proj.weight": o_mask}
+    """An element mask freezing whole attention heads of one layer: their rows of the query
+    projection and their columns of the output projection (K/V heads are shared under
+    grouped-query attention and are left trainable)."""
+    config = getattr(model, "config", None) or model.hf_model.config
+    heads = [int(h) for h in heads]
+    if any(not 0 <= h < config.num_attention_heads for h in heads):
+        raise ValueError(f"heads must lie in 0..{config.num_attention_heads - 1}")
+    return _merge_masks(model, layer, _arch(model).head_rows(config, heads))
+
+
+def merge_element_masks(*masks: dict[str, Tensor]) -> dict[str, Tensor]:
+    """One mask dict holding the union of several."""
+    out: dict[str, Tensor] = {}
+    for part in masks:
+        for name, mask in part.items():
+            out[name] = out[name] | mask if name in out else mask.clone()
+    return out
 
 
 def ablation_range(safety: LayerRange, n_layers: int, at: str = "start") -> LayerRange:

@@ -41,7 +41,6 @@ DeepSpeed honour) and use their own checkpointing.  Nothing here is tested on GP
 from __future__ import annotations
 
 import os
-import platform
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -51,10 +50,10 @@ import torch
 
 from finetune import masks as M
 from interp.io import atomic_write_json
+from interp.provenance import versions
 from interp.ranges import LayerRange, LayerRangeError
 
 MODES = ("full", "sppft", "ablation")
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 @dataclass
@@ -122,15 +121,11 @@ def pad_collate(features: list[dict], pad_token_id: int) -> dict:
 # ---------------------------------------------------------------- the trainer
 
 
-def state_dict_by_canonical_name(module) -> dict[str, torch.Tensor]:
-    """Every parameter once, under its plain HF name (the bridge's wrapper names removed)."""
-    return {M.canonical_name(n): p.detach().contiguous() for n, p in module.named_parameters()}
-
-
-def load_canonical_state(module, tensors: dict[str, torch.Tensor]) -> None:
-    """Copy tensors saved by ``state_dict_by_canonical_name`` into ``module``'s parameters."""
-    params = {M.canonical_name(n): p for n, p in module.named_parameters()}
-    missing, unexpected = set(params) - set(tensors), set(tensors) - set(params)
+def load_hf_state(model, tensors: dict[str, torch.Tensor]) -> None:
+    """Copy HF-named tensors (a plain checkpoint's ``model.safetensors``) into ``model``'s own
+    parameters (a tied weight may appear under one of its names only)."""
+    params = M.named_parameters(model)
+    missing, unexpected = set(params) - set(tensors), set(tensors) - set(model.hf_state_dict())
     if missing or unexpected:
         raise ValueError(f"checkpoint does not match the model: missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")
     with torch.no_grad():
@@ -138,14 +133,17 @@ def load_canonical_state(module, tensors: dict[str, torch.Tensor]) -> None:
             param.copy_(tensors[name].to(param.device, param.dtype))
 
 
-def optimizer_groups(module, handle: M.MaskHandle, weight_decay: float, decay_names: set[str]) -> list[dict]:
+def optimizer_groups(module, handle: M.MaskHandle, weight_decay: float, decay_names: set[str],
+                     allowed: set[int] | None = None) -> list[dict]:
     """AdamW parameter groups that leave wholly frozen parameters out (no state, no decay) and
     put element-masked ones in the zero-weight-decay group.  ``decay_names``: the names (as
-    ``module.named_parameters`` gives them) that take weight decay."""
+    ``module.named_parameters`` gives them) that take weight decay.  ``allowed``: ids of the
+    parameters that may train at all (the model's own HF parameters; not, say, the split copies
+    a bridge adds on Phi-3)."""
     frozen, partial = handle.frozen_ids(), handle.partial_ids()
     groups = [{"params": [], "weight_decay": weight_decay}, {"params": [], "weight_decay": 0.0}]
     for name, p in module.named_parameters():
-        if not p.requires_grad or id(p) in frozen:
+        if not p.requires_grad or id(p) in frozen or (allowed is not None and id(p) not in allowed):
             continue
         groups[0 if (name in decay_names and id(p) not in partial) else 1]["params"].append(p)
     return [g for g in groups if g["params"]]
@@ -167,9 +165,10 @@ def _trainer_class():
         """``Trainer`` whose optimizer never sees frozen parameters and gives element-masked
         ones no weight decay, and whose checkpoints use plain HF parameter names."""
 
-        def __init__(self, *args, mask: M.MaskHandle | None = None, **kwargs):
+        def __init__(self, *args, mask: M.MaskHandle | None = None, loaded=None, **kwargs):
             super().__init__(*args, **kwargs)
             self.mask = mask or M.MaskHandle()
+            self.loaded = loaded
             if self.mask.partial:
                 self.add_callback(RestoreMaskedElements(self.mask))
 
@@ -177,7 +176,10 @@ def _trainer_class():
             if self.optimizer is None:
                 model = self.model if model is None else model
                 decay = set(self.get_decay_parameter_names(model))
-                groups = optimizer_groups(model, self.mask, self.args.weight_decay, decay)
+                allowed = None
+                if self.loaded is not None and self._plain():
+                    allowed = {id(p) for p in M.named_parameters(self.loaded).values()}
+                groups = optimizer_groups(model, self.mask, self.args.weight_decay, decay, allowed)
                 optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, model)
                 self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
             return self.optimizer
@@ -188,33 +190,28 @@ def _trainer_class():
             return not (self.is_fsdp_enabled or self.is_deepspeed_enabled or isinstance(self.model, PeftModel))
 
         def _save(self, output_dir=None, state_dict=None):
-            if not self._plain():
+            if not self._plain() or self.loaded is None:
                 return super()._save(output_dir, state_dict)
-            import safetensors.torch
             from transformers.trainer import TRAINING_ARGS_NAME
+
+            from interp.checkpoint import save_hf_checkpoint
 
             output_dir = output_dir or self.args.output_dir
             if not self.args.should_save:
                 return None
-            os.makedirs(output_dir, exist_ok=True)
-            safetensors.torch.save_file(
-                {k: v.cpu() for k, v in state_dict_by_canonical_name(self.model).items()},
-                os.path.join(output_dir, "model.safetensors"),
-                metadata={"format": "pt"},
-            )
-            self.model.config.save_pretrained(output_dir)
-            if self.processing_class is not None:
-                self.processing_class.save_pretrained(output_dir)
+            save_hf_checkpoint(self.loaded, output_dir)
             torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
             return None
 
         def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
-            weights = os.path.join(resume_from_checkpoint, "model.safetensors")
-            if not self._plain() or not os.path.isfile(weights):
+            from interp.checkpoint import WEIGHTS_NAME
+
+            weights = os.path.join(resume_from_checkpoint, WEIGHTS_NAME)
+            if not self._plain() or self.loaded is None or not os.path.isfile(weights):
                 return super()._load_from_checkpoint(resume_from_checkpoint, model)
             import safetensors.torch
 
-            load_canonical_state(model or self.model, safetensors.torch.load_file(weights))
+            load_hf_state(self.loaded, safetensors.torch.load_file(weights))
             return None
 
     return MaskedTrainer
@@ -238,21 +235,18 @@ def mask_range(model, mode: str, layers=None, ablation_layers=None) -> LayerRang
 
 
 def lora_target_names(model, frozen_layers: set[int]) -> list[str]:
-    """Full module names of the projection ``nn.Linear`` modules outside the frozen layers
-    (through the bridge's wrappers, the ``nn.Linear`` is the ``_original_component``)."""
-    names = []
-    for name, module in M.hf_model_of(model).named_modules():
-        if not isinstance(module, torch.nn.Linear):
-            continue
-        clean = M.canonical_name(name)
-        if clean.rsplit(".", 1)[-1] in LORA_TARGETS and M.layer_of(clean) not in frozen_layers:
-            names.append(name)
-    return names
+    """Module names of the projections (``interp.architectures``) of every layer outside the
+    frozen ones: where LoRA adapters go."""
+    arch = model.arch
+    modules = dict.fromkeys(arch.projection(c).module for c in arch.projections)
+    return [arch.layer_prefix(i) + m for i in range(model.n_layers) if i not in frozen_layers for m in modules]
 
 
 def _wrap_lora(model, frozen_layers: set[int], config: TrainConfig):
     from peft import LoraConfig, get_peft_model
 
+    if model.has_bridge:
+        raise ValueError("LoRA fine-tuning needs the plain HF model: load it with load_model(..., bridge=False)")
     targets = lora_target_names(model, frozen_layers)
     if not targets:
         raise ValueError("LoRA: no projection layers left to adapt outside the frozen range")
@@ -260,37 +254,16 @@ def _wrap_lora(model, frozen_layers: set[int], config: TrainConfig):
         r=config.lora_rank, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
         target_modules=targets, task_type="CAUSAL_LM",
     )
-    return get_peft_model(M.hf_model_of(model), lora), targets
+    return get_peft_model(model.hf_model, lora), targets
 
 
-def _merge_lora(model, targets: list[str]) -> None:
-    """Merge each LoRA layer into its base ``nn.Linear`` and put that back where it was.
-
-    PEFT's ``merge_and_unload`` is not used: the bridge's wrappers forward attribute look-ups
-    to the wrapped module, which makes PEFT replace the *wrapper* and split the weights the
-    bridge shares.  Here each adapted module sits at a known path (``..._original_component``)."""
-    hf_model = M.hf_model_of(model)
-    for name in targets:
-        parent_name, attr = name.rsplit(".", 1)
-        parent = hf_model.get_submodule(parent_name)
-        lora_layer = parent._modules[attr]
-        lora_layer.merge()
-        setattr(parent, attr, lora_layer.get_base_layer())
+def _merge_lora(model, peft_model) -> None:
+    """Merge the adapters into the base weights in place (the same ``Parameter`` objects, so
+    ``hf_parameters`` stays valid) and put the plain modules back."""
+    peft_model.merge_and_unload()
 
 
 # ---------------------------------------------------------------- records
-
-
-def versions() -> dict:
-    import importlib.metadata as md
-
-    found = {"python": platform.python_version()}
-    for pkg in ("torch", "transformers", "peft", "datasets", "accelerate", "transformer-lens", "safety-layers"):
-        try:
-            found[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            pass
-    return found
 
 
 def _train_loss(history: list[dict]) -> float | None:
@@ -376,7 +349,7 @@ def train(
         disable_tqdm=not config.progress,
         use_cpu=model.device.type == "cpu",
     )
-    pad_id = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else model.tokenizer.eos_token_id
+    pad_id = model.pad_token_id
     trainer = _trainer_class()(
         model=train_model,
         args=args,
@@ -384,6 +357,7 @@ def train(
         data_collator=lambda feats: pad_collate(feats, pad_id),
         processing_class=model.tokenizer,
         mask=handle,
+        loaded=model,
         callbacks=callbacks,
     )
     start = time.perf_counter()
@@ -396,7 +370,7 @@ def train(
         for n, p in hf_model.named_parameters():
             p.requires_grad_(grad_flags.get(n, True))
         if config.lora:
-            _merge_lora(model, lora_targets)
+            _merge_lora(model, train_model)
         hf_model.eval()
 
     history = trainer.state.log_history

@@ -185,27 +185,48 @@ def weighted_gaps(
     }
 
 
-def bootstrap_gaps(
-    normal: Tensor, malicious: Tensor, n_boot: int = 1000, ci: float = 0.95, seed: int = 0
-) -> pd.DataFrame:
-    """Percentile bootstrap intervals (``gap_paper_lo`` .. ``gap_code_hi``) per layer.
-
-    Each replicate resamples the normal and the malicious prompts with replacement
-    (independently) and recomputes both gaps with ``weighted_gaps``.
-    """
-    check_pair_sets(normal, malicious)
-    if not 0 < ci < 1:
-        raise ValueError(f"ci must be in (0, 1), got {ci}")
+def bootstrap_counts(n_normal: int, n_malicious: int, n_boot: int = 1000, seed: int = 0, pairs: bool = False):
+    """Resampling counts ``[n_boot, n]`` for the two sets: independent draws, or with ``pairs``
+    one draw of pair indices used for both sets (a pair stays together)."""
     if n_boot < 2:
         raise ValueError(f"n_boot must be at least 2, got {n_boot}")
     rng = np.random.default_rng(seed)
-    counts_n = _resample_counts(rng, normal.shape[0], n_boot)
-    counts_m = _resample_counts(rng, malicious.shape[0], n_boot)
-    gaps = weighted_gaps(normal, malicious, counts_n, counts_m)
+    if pairs:
+        if n_normal != n_malicious:
+            raise PairSetError(f"paired sets need equal sizes, got {n_normal} and {n_malicious}")
+        counts = _resample_counts(rng, n_normal, n_boot)
+        return counts, counts
+    return _resample_counts(rng, n_normal, n_boot), _resample_counts(rng, n_malicious, n_boot)
+
+
+def centred(normal: Tensor, malicious: Tensor) -> tuple[Tensor, Tensor]:
+    """Both sets minus their joint per-layer mean: the raw cosine of residual streams is
+    dominated by a few large directions every prompt shares; centring removes them."""
+    mean = torch.cat([normal, malicious]).double().mean(0, keepdim=True)
+    return normal.double() - mean, malicious.double() - mean
+
+
+def interval_table(gaps: dict[str, Tensor], ci: float = 0.95, suffix: str = "") -> pd.DataFrame:
+    """Percentile intervals ``{name}{suffix}_lo/_hi`` per layer from ``[boot, layer]`` replicates."""
+    if not 0 < ci < 1:
+        raise ValueError(f"ci must be in (0, 1), got {ci}")
     lo_q, hi_q = (1 - ci) / 2, 1 - (1 - ci) / 2
-    table = {"layer": np.arange(normal.shape[1])}
+    table = {"layer": np.arange(next(iter(gaps.values())).shape[1])}
     for name, values in gaps.items():
         values = values.numpy()  # a replicate holding a single distinct normal prompt is NaN
-        table[f"{name}_lo"] = np.nanquantile(values, lo_q, axis=0)
-        table[f"{name}_hi"] = np.nanquantile(values, hi_q, axis=0)
+        table[f"{name}{suffix}_lo"] = np.nanquantile(values, lo_q, axis=0)
+        table[f"{name}{suffix}_hi"] = np.nanquantile(values, hi_q, axis=0)
     return pd.DataFrame(table)
+
+
+def bootstrap_gaps(
+    normal: Tensor, malicious: Tensor, n_boot: int = 1000, ci: float = 0.95, seed: int = 0, pairs: bool = False
+) -> pd.DataFrame:
+    """Percentile bootstrap intervals (``gap_paper_lo`` .. ``gap_code_hi``) per layer.
+
+    Each replicate resamples the prompts with replacement (the two sets independently, or with
+    ``pairs`` whole pairs) and recomputes both gaps with ``weighted_gaps``.
+    """
+    check_pair_sets(normal, malicious)
+    counts_n, counts_m = bootstrap_counts(normal.shape[0], malicious.shape[0], n_boot, seed, pairs)
+    return interval_table(weighted_gaps(normal, malicious, counts_n, counts_m), ci)

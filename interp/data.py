@@ -8,6 +8,18 @@ Splits are deterministic and documented: ``train`` is every even-numbered row (0
 of a file, ``test`` every odd-numbered one.  The files are ordered by topic, so interleaving
 gives two halves with the same mix.  ``train`` is what analyses and fine-tuning may use;
 ``test`` is held out for evaluation (AdvBench harmful rate, benign answer rate).
+
+Three structured sets are CSV files with their own loaders:
+
+- ``load_pairs(part)``: harmful/benign requests written in the same sentence frame (400 pairs,
+  10 harm categories x 40, 8 frames x 5 per category), split *by pair*: within each category,
+  pair ``k`` is ``train`` when ``k % 10 < 5``, ``validation`` when ``k % 10`` is 5 or 6, ``test``
+  otherwise (200 / 80 / 120 pairs);
+- ``load_borderline(part)``: safe requests with alarming words, in XSTest's ten types but written
+  for this project (250; per type, prompt ``k`` is ``validation`` when ``k % 5 == 4``, else
+  ``train``: 200 / 50);
+- ``load_xstest(label)``: XSTest (Röttger et al., 2024; CC BY 4.0), **evaluation only**: 250 safe
+  prompts to answer and 200 unsafe contrasts to refuse.
 """
 
 from __future__ import annotations
@@ -15,6 +27,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+from dataclasses import dataclass
 from pathlib import Path
 
 DATA_DIR = Path(__file__).parent / "datasets"
@@ -25,6 +38,10 @@ DATASETS = {
     "benign": "benign_instructions.txt",
 }
 PARTS = ("all", "train", "test")
+PAIR_PARTS = ("all", "train", "validation", "test")
+PAIRS_FILE = "paired_prompts.csv"
+BORDERLINE_FILE = "borderline_safe.csv"
+XSTEST_FILE = "xstest_prompts.csv"
 
 
 class DataError(ValueError):
@@ -99,3 +116,102 @@ def evenly_spaced(rows: list, n: int | None) -> list:
     if n < 1:
         raise ValueError(f"need at least 1 row, got {n}")
     return [rows[i * len(rows) // n] for i in range(n)]
+
+
+SAMPLES = ("first", "spread")
+
+
+def sample_rows(rows: list, limit: int | None = None, sample: str = "first") -> list:
+    """The one meaning of ``--limit``: ``limit`` rows of ``rows``, the first ones
+    (``sample="first"``) or evenly spaced over the set (``"spread"``, ``evenly_spaced``); all rows
+    when ``limit`` is None."""
+    if sample not in SAMPLES:
+        raise DataError(f"unknown sample {sample!r}; choose one of {', '.join(SAMPLES)}")
+    if limit is None:
+        return list(rows)
+    if limit < 1:
+        raise DataError(f"limit must be at least 1, got {limit}")
+    return evenly_spaced(rows, limit) if sample == "spread" else list(rows)[:limit]
+
+
+# --- structured sets -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Pair:
+    """A harmful request and a benign one written in the same sentence frame."""
+
+    pair_id: str
+    category: str
+    frame: str
+    harmful: str
+    benign: str
+
+    @property
+    def index(self) -> int:
+        return int(self.pair_id.rsplit("-", 1)[1])
+
+    @property
+    def part(self) -> str:
+        k = self.index % 10
+        return "train" if k < 5 else "validation" if k < 7 else "test"
+
+
+def _csv_rows(name: str) -> list[dict]:
+    path = DATA_DIR / name
+    if not path.is_file():
+        raise DataError(f"no data file at {path}")
+    rows = list(csv.DictReader(io.StringIO(path.read_text(encoding="utf-8"))))
+    if not rows:
+        raise DataError(f"{path}: no rows")
+    return rows
+
+
+def _check_part(part: str, parts: tuple[str, ...]) -> str:
+    if part not in parts:
+        raise DataError(f"unknown split {part!r}; choose one of {', '.join(parts)}")
+    return part
+
+
+def load_pairs(part: str = "all") -> list[Pair]:
+    """The paired set (module docstring), optionally one split."""
+    _check_part(part, PAIR_PARTS)
+    pairs = [Pair(r["pair_id"], r["category"], r["frame"], r["harmful"], r["benign"]) for r in _csv_rows(PAIRS_FILE)]
+    validate_prompts([p.harmful for p in pairs] + [p.benign for p in pairs], PAIRS_FILE)
+    return [p for p in pairs if part == "all" or p.part == part]
+
+
+@dataclass(frozen=True)
+class Borderline:
+    """A safe request with alarming words (``kind`` is one of XSTest's safe types)."""
+
+    id: str
+    kind: str
+    prompt: str
+
+    @property
+    def part(self) -> str:
+        return "validation" if int(self.id.rsplit("-", 1)[1]) % 5 == 4 else "train"
+
+
+def load_borderline(part: str = "all") -> list[Borderline]:
+    """The project's borderline-safe requests (module docstring), optionally one split."""
+    _check_part(part, ("all", "train", "validation"))
+    rows = [Borderline(r["id"], r["type"], r["prompt"]) for r in _csv_rows(BORDERLINE_FILE)]
+    validate_prompts([r.prompt for r in rows], BORDERLINE_FILE)
+    return [r for r in rows if part == "all" or r.part == part]
+
+
+@dataclass(frozen=True)
+class XSTestPrompt:
+    id: int
+    prompt: str
+    kind: str  # XSTest's type, e.g. "homonyms" or "contrast_homonyms"
+    label: str  # "safe" (should be answered) or "unsafe" (should be refused)
+
+
+def load_xstest(label: str = "all") -> list[XSTestPrompt]:
+    """XSTest v2 (450 prompts; evaluation only: never train or tune on it)."""
+    _check_part(label, ("all", "safe", "unsafe"))
+    rows = [XSTestPrompt(int(r["id"]), r["prompt"], r["type"], r["label"]) for r in _csv_rows(XSTEST_FILE)]
+    return [r for r in rows if label == "all" or r.label == label]

@@ -1,8 +1,9 @@
 """Write the located safety-layer range to JSON, and read it back with every check.
 
 ``export_located(path, result, model, ...)`` turns an ``interp.locate.LocateResult`` into a
-record that follows ``SCHEMA`` (JSON Schema; ``docs/located_range.schema.json`` is a copy and
-``docs/located_range.md`` describes each field) and writes it atomically.  ``load_located(path,
+record that follows ``SCHEMA`` (JSON Schema, shipped as package data in
+``interp/schemas/located_range.schema.json``; ``docs/located_range.md`` describes each field) and
+writes it atomically.  ``load_located(path,
 model=None)`` reads it back as a ``LocatedRange`` and refuses, with a message that says why:
 
 - a file that is missing, empty, truncated or not JSON;
@@ -12,124 +13,38 @@ model=None)`` reads it back as a ``LocatedRange`` and refuses, with a message th
   with the range);
 - with ``model``: a record made for other weights (fingerprint) or another layer count.
 
-The fingerprint is ``interp.models.weights_fingerprint``, which hashes the model's *plain*
-Hugging Face state dict (``interp.models.plain_state_dict``): the bridge re-registers each
-wrapped module under ``_original_component``, adds alias entries and a zero unembedding bias,
-so naming the tensors as Hugging Face does makes a bridged model and the same weights loaded
-without the bridge (``interp.models.load_hf``) agree.
+The fingerprint is ``interp.provenance.weights_fingerprint`` of the model's own parameters under
+their Hugging Face names (``LoadedModel.hf_state_dict``), so a bridged model, the same model
+unbridged and its saved checkpoint agree.
 """
 
 from __future__ import annotations
 
 import json
-import platform
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-import torch
-
 from interp.io import atomic_write_json
+from interp.provenance import versions
 from interp.ranges import LayerRange, LayerRangeError
 
 SCHEMA_ID = "safety-layers/located-range"
 SCHEMA_VERSION = 1
-SCHEMA_FILE = Path(__file__).resolve().parent.parent / "docs" / "located_range.schema.json"
 
 COMPONENT_NAMES = ["q", "k", "v", "o", "gate", "in", "out"]
-_RANGE = {
-    "type": "object",
-    "required": ["start", "end"],
-    "additionalProperties": False,
-    "properties": {
-        "start": {"type": "integer", "minimum": 0, "description": "first layer, 0-indexed"},
-        "end": {"type": "integer", "minimum": 0, "description": "last layer, 0-indexed, inclusive"},
-    },
-}
-_NUMBER_OR_NULL = {"type": ["number", "null"]}
+SCHEMA_RESOURCE = "schemas/located_range.schema.json"
 
-SCHEMA: dict = {
-    "$schema": "https://json-schema.org/draft/2020-12/schema",
-    "$id": "urn:safety-layers:located-range:v1",
-    "title": "Located safety-layer range",
-    "description": (
-        "The layer range found by the scaling search of Li et al. (ICLR 2025, Sec. 3.4), with how it "
-        "was found. Written by interp.export.export_located, read by interp.export.load_located."
-    ),
-    "type": "object",
-    "required": [
-        "schema", "schema_version", "created", "model", "range", "alpha", "direction", "components",
-        "initial_range", "baseline_r_o", "sweeps", "metric", "versions",
-    ],
-    "additionalProperties": False,
-    "properties": {
-        "schema": {"const": SCHEMA_ID},
-        "schema_version": {"const": SCHEMA_VERSION},
-        "created": {"type": "string", "description": "UTC time of writing, ISO 8601"},
-        "model": {
-            "type": "object",
-            "required": ["spec", "fingerprint", "n_layers"],
-            "additionalProperties": False,
-            "properties": {
-                "spec": {"type": "string", "description": "what load_model was given"},
-                "fingerprint": {"type": "string", "pattern": "^[0-9a-f]{16}$",
-                                "description": "weights_fingerprint of the plain HF state dict"},
-                "n_layers": {"type": "integer", "minimum": 1},
-            },
-        },
-        "range": {**_RANGE, "description": "the located safety layers (inclusive)"},
-        "alpha": {"type": "number", "exclusiveMinimum": 0, "description": "the weight scale of the search"},
-        "direction": {"enum": ["max", "min"], "description": "max R_o for alpha > 1, min for alpha < 1"},
-        "components": {
-            "type": "array", "minItems": 1, "uniqueItems": True, "items": {"enum": COMPONENT_NAMES},
-            "description": "projections scaled (q,k,v,o attention; gate, in = up, out = down MLP)",
-        },
-        "initial_range": {**_RANGE, "description": "the range the search started from"},
-        "baseline_r_o": {"type": "number", "minimum": 0, "description": "R_o of the unscaled model"},
-        "baseline_estimate": {**_NUMBER_OR_NULL, "description": "coarse estimate of the baseline, if any"},
-        "sweeps": {
-            "type": "array",
-            "minItems": 2,
-            "items": {
-                "type": "object",
-                "required": ["phase", "start", "end", "alpha", "offset", "r_o", "winner"],
-                "additionalProperties": False,
-                "properties": {
-                    "phase": {"enum": ["upper", "lower"]},
-                    "start": {"type": "integer", "minimum": 0},
-                    "end": {"type": "integer", "minimum": 0},
-                    "alpha": {"type": "number", "exclusiveMinimum": 0},
-                    "offset": {"type": "integer"},
-                    "r_o": {**_NUMBER_OR_NULL, "description": "the value the decision used (null: not confirmed)"},
-                    "estimate": {**_NUMBER_OR_NULL, "description": "coarse score (coarse-to-fine search)"},
-                    "winner": {"type": "boolean"},
-                },
-            },
-        },
-        "metric": {
-            "type": "object",
-            "required": ["name", "method", "dataset", "dataset_hash", "n_prompts", "template", "max_new_tokens"],
-            "additionalProperties": True,
-            "properties": {
-                "name": {"const": "R_o"},
-                "method": {"type": "string",
-                           "description": "generation, first_step_mass, first_step_count, or coarse:fine"},
-                "dataset": {"type": "string"},
-                "dataset_hash": {"type": "string", "description": "interp.data.prompts_hash of the prompts used"},
-                "n_prompts": {"type": "integer", "minimum": 1},
-                "template": {"enum": ["chat", "alpaca"]},
-                "max_new_tokens": {"type": ["integer", "null"], "minimum": 1},
-            },
-        },
-        "alpha_selection": {"type": ["object", "null"], "description": "the alpha rule's trials, if it chose alpha"},
-        "versions": {
-            "type": "object",
-            "required": ["torch", "transformers", "transformer_lens"],
-            "additionalProperties": {"type": "string"},
-        },
-        "notes": {"type": "string"},
-    },
-}
+
+def _load_schema() -> dict:
+    """The JSON Schema, read from the package's data (``importlib.resources``), so it is found in
+    an installed wheel as well as in a checkout."""
+    from importlib.resources import files
+
+    return json.loads(files("interp").joinpath(SCHEMA_RESOURCE).read_text(encoding="utf-8"))
+
+
+SCHEMA: dict = _load_schema()
 
 
 class LocatedRangeError(LayerRangeError):
@@ -150,42 +65,18 @@ class LocatedRange:
         return self.record["model"]["fingerprint"]
 
 
-# --- fingerprint ---------------------------------------------------------------------------------
+def _fingerprint(model) -> str:
+    from interp.provenance import weights_fingerprint
 
-
-def model_fingerprint(model) -> str:
-    """``weights_fingerprint`` of a model's plain HF state dict: the same for a ``LoadedModel``
-    and for the same weights loaded without the bridge (module docstring)."""
-    from interp.models import weights_fingerprint
-
-    hf = getattr(model, "hf_model", model)
-    if not isinstance(hf, torch.nn.Module):
-        raise TypeError(f"cannot fingerprint {type(model).__name__}: need a LoadedModel or a torch module")
-    return weights_fingerprint(hf)
+    return weights_fingerprint(model)
 
 
 def _n_layers(model) -> int:
-    n = getattr(model, "n_layers", None)
-    if n is None:
-        hf = getattr(model, "hf_model", model)
-        n = hf.config.num_hidden_layers
-    return int(n)
+    config = getattr(model, "config", None)
+    return int(config.num_hidden_layers)
 
 
 # --- write ---------------------------------------------------------------------------------------
-
-
-def package_versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {"python": platform.python_version()}
-    for key, dist in (("torch", "torch"), ("transformers", "transformers"),
-                      ("transformer_lens", "transformer-lens"), ("safety_layers", "safety-layers")):
-        try:
-            out[key] = version(dist)
-        except PackageNotFoundError:
-            out[key] = "not installed"
-    return out
 
 
 def located_record(
@@ -210,7 +101,7 @@ def located_record(
         "schema_version": SCHEMA_VERSION,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "model": {"spec": str(getattr(model, "spec", type(model).__name__)),
-                  "fingerprint": model_fingerprint(model), "n_layers": _n_layers(model)},
+                  "fingerprint": _fingerprint(model), "n_layers": _n_layers(model)},
         "range": {"start": result.range.start, "end": result.range.end},
         "alpha": float(result.alpha),
         "direction": result.direction,
@@ -225,7 +116,7 @@ def located_record(
             "max_new_tokens": max_new_tokens, **(extra_metric or {}),
         },
         "alpha_selection": alpha_selection,
-        "versions": package_versions(),
+        "versions": versions(),
     }
     if notes:
         record["notes"] = notes
@@ -331,7 +222,7 @@ def load_located(path: str | Path, model=None) -> LocatedRange:
             raise LocatedRangeError(f"{path} was made for a model of {record['model']['n_layers']} layers; "
                                     f"this one has {n_layers}")
         located.range.check(n_layers)
-        fingerprint = model_fingerprint(model)
+        fingerprint = _fingerprint(model)
         if fingerprint != record["model"]["fingerprint"]:
             raise LocatedRangeError(
                 f"{path} was made for other weights ({record['model']['spec']}, fingerprint "
@@ -341,6 +232,10 @@ def load_located(path: str | Path, model=None) -> LocatedRange:
     return located
 
 
-def write_schema(path: str | Path = SCHEMA_FILE) -> Path:
-    """Write ``SCHEMA`` as a JSON Schema file (``docs/located_range.schema.json`` is this copy)."""
-    return atomic_write_json(path, SCHEMA)
+def shipped_located(model=None) -> LocatedRange:
+    """The located range shipped with the aligned embedded model (``located.json`` beside its
+    adapter, written by ``python -m analyses.locate ... --ship``), checked against ``model``'s
+    weights when given."""
+    from interp.models import aligned_adapter_dir
+
+    return load_located(aligned_adapter_dir() / "located.json", model=model)

@@ -28,8 +28,6 @@ each α until the standard deviation of R_o over the lower-bound sweep first rea
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -57,6 +55,7 @@ class SweepRow:
     r_o: float | None
     estimate: float | None = None
     winner: bool = False
+    pruned: bool = False
 
     def to_dict(self) -> dict:
         return {
@@ -68,6 +67,7 @@ class SweepRow:
             "r_o": self.r_o,
             "estimate": self.estimate,
             "winner": self.winner,
+            "pruned": self.pruned,
         }
 
 
@@ -189,10 +189,12 @@ class _Memo:
         return self.values[key]
 
 
-def _sweep(phase, candidates, alpha, ro: _Memo, confirm: _Memo | None, keep: int) -> list[SweepRow]:
+def _sweep(phase, candidates, alpha, ro: _Memo, confirm: _Memo | None, keep: int, bound=None) -> list[SweepRow]:
     if not candidates:
         raise LayerRangeError(f"the {phase}-bound sweep has no valid range inside the model")
-    if confirm is None:
+    if bound is not None and alpha > 1:
+        rows = _pruned_sweep(phase, candidates, alpha, ro, bound)
+    elif confirm is None:
         rows = [SweepRow(phase, r, alpha, k, ro(r, alpha)) for k, r in candidates]
     else:
         coarse = [SweepRow(phase, r, alpha, k, None, ro(r, alpha)) for k, r in candidates]
@@ -206,6 +208,27 @@ def _sweep(phase, candidates, alpha, ro: _Memo, confirm: _Memo | None, keep: int
         ]
     win = _best(rows, alpha)
     return [SweepRow(**{**r.__dict__, "winner": n == win}) for n, r in enumerate(rows)]
+
+
+def _pruned_sweep(phase, candidates, alpha, ro: _Memo, bound) -> list[SweepRow]:
+    """Measure candidates best bound first (known values first); skip one whose upper bound,
+    asked when its turn comes, is below the best value measured so far: it cannot win (ties
+    are measured, since the tie rule may prefer them)."""
+    bounds = {n: float(bound(r, alpha)) for n, (_, r) in enumerate(candidates)}
+    order = sorted(bounds, key=lambda n: (not ro.known(candidates[n][1], alpha), -bounds[n],
+                                          abs(candidates[n][0]), candidates[n][0]))
+    rows: dict[int, SweepRow] = {}
+    best = None
+    for n in order:
+        k, r = candidates[n]
+        ceiling = float(bound(r, alpha))
+        if best is not None and not ro.known(r, alpha) and ceiling < best:
+            rows[n] = SweepRow(phase, r, alpha, k, None, ceiling, pruned=True)
+            continue
+        value = ro(r, alpha)
+        rows[n] = SweepRow(phase, r, alpha, k, value, ceiling)
+        best = value if best is None else max(best, value)
+    return [rows[n] for n in range(len(candidates))]
 
 
 def _rank(rows: list[SweepRow], alpha: float) -> list[int]:
@@ -225,13 +248,15 @@ def locate(
     lower_offsets: Iterable[int] | None = None,
     confirm: RoFunction | None = None,
     keep: int = 2,
+    bound: RoFunction | None = None,
 ) -> LocateResult:
     """The paper's two-sweep bound search (module docstring).
 
     ``initial``: the starting range (inclusive); ``alpha``: the scale (≠ 1); ``window``: offsets
     ``-window..window`` for both sweeps unless ``upper_offsets``/``lower_offsets`` are given
     (Table 1's lower sweeps, e.g. ``[8,12] .. [4,12]`` from ``[7,12]``, are offsets -1..3).
-    ``confirm``/``keep``: the coarse-to-fine mode.
+    ``confirm``/``keep``: the coarse-to-fine mode.  ``bound``: an upper bound on ``ro`` that
+    lets a sweep skip candidates that cannot win (α > 1 only; see ``_pruned_sweep``).
     """
     alpha = check_alpha(alpha)
     if alpha == 1.0:
@@ -247,9 +272,9 @@ def locate(
     main = fine or coarse
     baseline = main(None, 1.0)
     baseline_estimate = coarse(None, 1.0) if fine is not None else None
-    upper = _sweep("upper", upper_candidates(initial, upper_offsets, n_layers), alpha, coarse, fine, keep)
+    upper = _sweep("upper", upper_candidates(initial, upper_offsets, n_layers), alpha, coarse, fine, keep, bound)
     end_u = next(r for r in upper if r.winner).range.end
-    lower = _sweep("lower", lower_candidates(initial.start, end_u, lower_offsets), alpha, coarse, fine, keep)
+    lower = _sweep("lower", lower_candidates(initial.start, end_u, lower_offsets), alpha, coarse, fine, keep, bound)
     located = next(r for r in lower if r.winner).range
     return LocateResult(initial, alpha, baseline, upper, lower, located, n_layers, baseline_estimate)
 
@@ -315,82 +340,7 @@ def choose_alpha(
     return choice
 
 
-# --- R_o functions on a real model --------------------------------------------------------------
-
-
-def generation_ro(model, queries: list[str], *, components=ALL_COMPONENTS, template=None, batch_size: int = 64,
-                  progress: bool = False, **flag_kwargs) -> RoFunction:
-    """R_o from generated text (``interp.overrejection``), the prompts tokenised once."""
-    from interp.overrejection import PromptBatches, _scaling, count_over_rejection
-
-    prompts = PromptBatches.build(model, queries, template=template, batch_size=batch_size)
-
-    def ro(layer_range, alpha):
-        with _scaling(model, layer_range, alpha, components):
-            return count_over_rejection(
-                model, queries, prompts=prompts, template=template, progress=progress, **flag_kwargs
-            )
-
-    return ro
-
-
-def estimate_ro(estimator, *, kind: str = "mass", components=ALL_COMPONENTS) -> RoFunction:
-    """R_o from the first-step estimate (``FirstStepEstimator``): ``kind="mass"`` (summed
-    opener probability) or ``"count"`` (prompts whose greedy first token opens a refusal)."""
-    if kind not in ("mass", "count"):
-        raise ValueError(f"kind must be 'mass' or 'count', got {kind!r}")
-
-    def ro(layer_range, alpha):
-        first = estimator.estimate(layer_range, alpha, components)
-        return first.expected if kind == "mass" else first.count
-
-    return ro
-
-
 def lowest_layer(initial: LayerRange, n_layers: int, window: int = 2, lower_offsets=None) -> int:
     """The lowest layer any configuration of a search can scale (where an estimator may start)."""
     offsets = offsets_for(window) if lower_offsets is None else list(lower_offsets)
     return max(0, min(initial.start - max(offsets), initial.start)) if offsets else initial.start
-
-
-# --- resumable evaluation cache -------------------------------------------------------------------
-
-
-class RoCache:
-    """An R_o function whose values persist in a JSON file, so an interrupted search resumes.
-
-    The file name carries a hash of ``meta`` (model fingerprint, prompt hash, template, method,
-    components, ...), so a run with other settings never reads another run's values."""
-
-    def __init__(self, fn: RoFunction, folder: str | Path, meta: dict):
-        from interp.io import atomic_write_json  # noqa: F401 (checked early)
-
-        self.fn, self.meta = fn, dict(meta)
-        digest = hashlib.sha256(json.dumps(self.meta, sort_keys=True, default=str).encode()).hexdigest()[:12]
-        self.path = Path(folder) / f"ro_cache_{digest}.json"
-        self.values: dict[str, float] = {}
-        self.hits = 0
-        if self.path.is_file():
-            try:
-                data = json.loads(self.path.read_text())
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{self.path}: unreadable R_o cache ({err}); delete it to start afresh") from None
-            if data.get("meta") != json.loads(json.dumps(self.meta, default=str)):
-                raise ValueError(f"{self.path} was written for other settings; delete it to start afresh")
-            self.values = {k: float(v) for k, v in data.get("values", {}).items()}
-
-    @staticmethod
-    def key(layer_range: LayerRange | None, alpha: float) -> str:
-        return "none" if layer_range is None else f"{layer_range.start},{layer_range.end}@{float(alpha):.6g}"
-
-    def __call__(self, layer_range: LayerRange | None, alpha: float) -> float:
-        from interp.io import atomic_write_json
-
-        key = self.key(layer_range, alpha)
-        if key in self.values:
-            self.hits += 1
-            return self.values[key]
-        value = float(self.fn(layer_range, alpha))
-        self.values[key] = value
-        atomic_write_json(self.path, {"meta": json.loads(json.dumps(self.meta, default=str)), "values": self.values})
-        return value

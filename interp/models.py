@@ -1,4 +1,4 @@
-"""Load a model offline and wrap it in TransformerLens's ``TransformerBridge``.
+"""Load a model offline, and the ``LoadedModel`` facade every analysis takes.
 
 ``load_model(spec)`` accepts:
 
@@ -10,27 +10,43 @@
 - a local Hugging Face folder, a local ``.gguf`` file, or a hub id already in the local HF
   cache.  Nothing is ever downloaded: a missing model is a ``ModelNotFoundError``.
 
-The bridge wraps the *same* HF module (``bridge.original_model is hf_model``), so hooks on the
-bridge and tensor hooks on the HF parameters see one set of weights.
+``LoadedModel`` hides the model's details from the analyses: its family's layout
+(``interp.architectures``), the tokenizer (pad id, end tokens, template-aware tokenisation that
+never changes the tokenizer's settings), the prompt template, the weights' fingerprint, and the
+TransformerLens ``TransformerBridge``.
+
+The bridge wraps the HF modules *in place* (``bridge.original_model is hf_model``): hooks on the
+bridge fire inside ``hf_model(...)`` and ``hf_model.generate(...)``.  It also renames what
+``hf_model.named_parameters()`` reports (``._original_component`` segments; on Phi-3, split
+q/k/v and gate/up copies beside the fused weights).  So the model's own parameters are recorded
+under their Hugging Face names *before* the bridge boots (``LoadedModel.hf_parameters``, the
+same ``Parameter`` objects the forward pass uses); masks, fingerprints and checkpoints use that
+record.  The bridge boots on first use of ``.bridge`` (``load_model(..., bridge=False)`` leaves
+it off, e.g. for fine-tuning the plain model).
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import importlib.util
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from jaxtyping import Int
+from torch import Tensor
 
-from interp.templates import check_template, format_prompt
+from interp.architectures import Architecture, architecture_of
+from interp.provenance import weights_fingerprint
+from interp.templates import adds_bos, check_template, format_prompt
 
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
 ALIGNED_ADAPTER = "smollm2-135m-aligned-lora"
 PACKAGE_WEIGHTS = Path(__file__).parent / "weights"
+END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "<|endoftext|>")
+"""End-of-turn markers a chat answer may end with instead of EOS (added when in the vocabulary)."""
 
 
 class ModelNotFoundError(FileNotFoundError):
@@ -76,80 +92,147 @@ def aligned_adapter_dir() -> Path:
     )
 
 
-@dataclass
+@dataclass(eq=False)
 class LoadedModel:
-    """A bridge, its tokenizer and the HF model it wraps, plus the prompt template in use."""
+    """An HF causal LM with its tokenizer, family layout, template and (lazily) its bridge."""
 
-    bridge: object
-    tokenizer: object
     hf_model: torch.nn.Module
+    tokenizer: object
     spec: str
+    name: str | None = None
     template: str = "chat"
-    n_layers: int = field(init=False)
-    n_ctx: int = field(init=False)
+    arch: Architecture = field(init=False)
+    hf_parameters: dict[str, torch.nn.Parameter] = field(init=False, repr=False)
+    """The model's own parameters under their HF names, recorded before any bridge wraps them
+    (tied weights under every name they have)."""
+    _bridge: object = field(default=None, init=False, repr=False)
 
     def __post_init__(self):
         check_template(self.template)
-        self.n_layers = self.hf_model.config.num_hidden_layers
-        self.n_ctx = getattr(self.hf_model.config, "max_position_embeddings", 2048)
+        self.name = self.name or self.spec
+        self.arch = architecture_of(self.hf_model)
+        if any("_original_component" in n for n, _ in self.hf_model.named_parameters()):
+            raise ValueError("LoadedModel needs the HF model before a TransformerBridge wraps it")
+        self.hf_parameters = dict(self.hf_model.named_parameters(remove_duplicate=False))
+        self._hf_buffers = {
+            n: b for n, b in self.hf_model.named_buffers(remove_duplicate=False) if _persistent(self.hf_model, n)
+        }
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self._end_ids = None
+
+    # --- the model --------------------------------------------------------------------------------
+
+    @property
+    def config(self):
+        return self.hf_model.config
+
+    @property
+    def n_layers(self) -> int:
+        return int(self.config.num_hidden_layers)
+
+    @property
+    def n_ctx(self) -> int:
+        return int(getattr(self.config, "max_position_embeddings", 2048))
 
     @property
     def device(self) -> torch.device:
-        return next(self.hf_model.parameters()).device
+        """Where inputs go: the embedding's device (the first device of a device map)."""
+        device_map = getattr(self.hf_model, "hf_device_map", None)
+        if device_map:
+            first = next((d for d in device_map.values() if d not in ("disk", "meta")), "cpu")
+            return torch.device(f"cuda:{first}" if isinstance(first, int) else first)
+        return self.hf_model.get_input_embeddings().weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.hf_model.get_input_embeddings().weight.dtype
+
+    @property
+    def bridge(self):
+        """TransformerLens's ``TransformerBridge`` over ``hf_model`` (booted on first use)."""
+        if self._bridge is None:
+            from transformer_lens.model_bridge import TransformerBridge
+
+            self._bridge = TransformerBridge.boot_transformers(
+                self.name, hf_model=self.hf_model, tokenizer=self.tokenizer, device=self.device, dtype=self.dtype
+            )
+        return self._bridge
+
+    @property
+    def has_bridge(self) -> bool:
+        return self._bridge is not None
+
+    def decoder(self) -> torch.nn.Module:
+        """The decoder stack without the LM head (the bridge's block hooks fire inside it)."""
+        return self.hf_model.get_decoder()
+
+    def hf_state_dict(self) -> dict[str, Tensor]:
+        """Parameters and persistent buffers under their HF names, as ``save_pretrained`` would
+        name them (tied weights under each name)."""
+        return {**self.hf_parameters, **self._hf_buffers}
+
+    def fingerprint(self) -> str:
+        return weights_fingerprint(self.hf_state_dict())
+
+    def save_pretrained(self, folder: str | Path) -> Path:
+        """Write a plain HF checkpoint (``interp.checkpoint.save_hf_checkpoint``)."""
+        from interp.checkpoint import save_hf_checkpoint
+
+        return save_hf_checkpoint(self, folder)
+
+    # --- the tokenizer ----------------------------------------------------------------------------
+
+    @property
+    def pad_token_id(self) -> int:
+        tok = self.tokenizer
+        return int(tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
+
+    @property
+    def end_token_ids(self) -> list[int]:
+        """EOS of the tokenizer and generation config, plus the end-of-turn markers the vocabulary
+        knows (a chat answer ends with one of these rather than with EOS on some models)."""
+        if self._end_ids is None:
+            tok, ids = self.tokenizer, []
+            config_eos = getattr(getattr(self.hf_model, "generation_config", None), "eos_token_id", None)
+            ids += config_eos if isinstance(config_eos, list) else [config_eos]
+            ids.append(tok.eos_token_id)
+            vocab = tok.get_vocab()
+            ids += [vocab[t] for t in END_OF_TURN if t in vocab]
+            self._end_ids = sorted({int(i) for i in ids if i is not None})
+        return self._end_ids
 
     def format(self, query: str, template: str | None = None) -> str:
         """The prompt text for one query under this model's template (or the one given)."""
         return format_prompt(self.tokenizer, query, template or self.template)
 
-    def encode(self, prompts: list[str], padding_side: str = "left", template: str | None = None):
-        """Format and tokenize queries into a padded batch on the model's device.
+    def token_rows(self, queries: list[str], template: str | None = None) -> list[Int[Tensor, "pos"]]:
+        """Each query formatted and tokenised, unpadded, on the CPU (``PromptTooLongError`` for a
+        prompt longer than the context)."""
+        template = check_template(template or self.template)
+        queries = list(queries)
+        texts = [format_prompt(self.tokenizer, q, template) for q in queries]
+        ids = self.tokenizer(texts, add_special_tokens=adds_bos(template))["input_ids"]
+        for query, row in zip(queries, ids):
+            if len(row) > self.n_ctx:
+                raise PromptTooLongError(
+                    f"prompt is {len(row)} tokens, over the model's context of {self.n_ctx}: {query[:60]!r}"
+                )
+        return [torch.tensor(row, dtype=torch.long) for row in ids]
 
-        A chat template already holds any special tokens it needs, so none are added; the
-        Alpaca template gets the tokenizer's usual BOS.
-        """
-        template = template or self.template
-        texts = [format_prompt(self.tokenizer, q, template) for q in prompts]
-        self.tokenizer.padding_side = padding_side
-        batch = self.tokenizer(
-            texts, return_tensors="pt", padding=True, add_special_tokens=(template == "alpaca")
-        )
-        if batch["input_ids"].shape[1] > self.n_ctx:
-            longest = int(batch["attention_mask"].sum(1).argmax())
-            raise PromptTooLongError(
-                f"prompt {longest} is {batch['input_ids'].shape[1]} tokens, over the model's "
-                f"context of {self.n_ctx}: {prompts[longest][:60]!r}"
-            )
-        return batch.to(self.device)
+    def encode(self, queries: list[str], padding_side: str = "left", template: str | None = None):
+        """Format and tokenize queries into a padded batch on the model's device."""
+        from interp.forward import pad_rows
 
-    def fingerprint(self) -> str:
-        return weights_fingerprint(self.hf_model)
+        rows = self.token_rows(queries, template)
+        ids, mask = pad_rows(rows, padding_side, self.pad_token_id)
+        return {"input_ids": ids.to(self.device), "attention_mask": mask.to(self.device)}
 
 
-def plain_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The state dict a model has without TransformerLens's bridge: inside a bridge component
-    only its ``_original_component`` is followed (the bridge's alias submodules are skipped), and
-    that level of the name is dropped.  All-zero biases are left out: the bridge gives the
-    unembedding a zero bias (TransformerLens's ``b_U``) that the plain model lacks, and a zero
-    bias computes the same as none."""
-    out: dict[str, torch.Tensor] = {}
-
-    def walk(mod, prefix):
-        wrapped = mod._modules.get("_original_component")
-        if wrapped is not None:
-            walk(wrapped, prefix)
-            return
-        tensors = list(mod._parameters.items()) + [
-            (name, b) for name, b in mod._buffers.items() if name not in mod._non_persistent_buffers_set
-        ]
-        for name, t in tensors:
-            if t is not None and not (name == "bias" and not t.detach().any()):
-                out[prefix + name] = t
-        for name, child in mod._modules.items():
-            if child is not None:
-                walk(child, f"{prefix}{name}.")
-
-    walk(module, "")
-    return out
+def _persistent(model: torch.nn.Module, name: str) -> bool:
+    owner, _, leaf = name.rpartition(".")
+    module = model.get_submodule(owner) if owner else model
+    return leaf not in module._non_persistent_buffers_set
 
 
 @contextlib.contextmanager
@@ -166,25 +249,10 @@ def single_thread():
         torch.set_num_threads(threads)
 
 
-def weights_fingerprint(model: torch.nn.Module) -> str:
-    """A cheap, stable hash of a model's weights: every tensor's name, shape, sum and a
-    strided sample of its values.  Distinguishes checkpoints without hashing gigabytes.
-    Hashes ``plain_state_dict``, so a bridged model and the same weights loaded without the
-    bridge (``load_hf``) agree."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(plain_state_dict(model).items()):
-        flat = tensor.detach().double().flatten().cpu()  # float64 sum: no thread-count dependence at 6 digits
-        step = max(1, flat.numel() // 257)
-        digest.update(name.encode())
-        digest.update(str(tuple(tensor.shape)).encode())
-        digest.update(f"{flat.sum().item():.6e}".encode())
-        digest.update(flat[::step].numpy().round(6).tobytes())
-    return digest.hexdigest()[:16]
-
-
-def load_hf(spec: str, dtype: torch.dtype = torch.float32):
-    """Return ``(hf_model, tokenizer, name)`` for a spec, offline, without a bridge (e.g. for PEFT,
-    whose LoRA layers must wrap plain ``nn.Linear`` modules)."""
+def load_hf(spec: str, dtype: torch.dtype = torch.float32, device_map=None):
+    """Return ``(hf_model, tokenizer, name)`` for a spec, offline, without a bridge.
+    ``device_map`` (accelerate's: ``"auto"`` or ``{module: device}``) spreads a large model
+    over several devices."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     kwargs = {"dtype": dtype, "local_files_only": True}
@@ -197,14 +265,16 @@ def load_hf(spec: str, dtype: torch.dtype = torch.float32):
 
             with single_thread():  # the merged weights must not depend on the thread count
                 model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
-        return model, tok, EMBEDDED_NAME
+        return _dispatch(model, device_map), tok, EMBEDDED_NAME
 
     path = Path(spec).expanduser()
     if spec.endswith(".gguf"):
         if not path.is_file():
             raise ModelNotFoundError(f"no GGUF file at {path}")
         model, tok = _load_gguf(path, kwargs)
-        return model, tok, path.stem
+        return _dispatch(model, device_map), tok, path.stem
+    if device_map is not None:
+        kwargs["device_map"] = device_map
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise ModelLoadError(f"{path} is a folder but holds no config.json: not a HF model folder")
@@ -227,6 +297,16 @@ def load_hf(spec: str, dtype: torch.dtype = torch.float32):
             "with network (`huggingface-cli download ...`) or pass a local path"
         ) from err
     return model, tok, spec
+
+
+def _dispatch(model, device_map):
+    if device_map is None:
+        return model
+    from accelerate import dispatch_model, infer_auto_device_map
+
+    if device_map == "auto":
+        device_map = infer_auto_device_map(model)
+    return dispatch_model(model, device_map=device_map)
 
 
 def _load_gguf(path: Path, kwargs: dict):
@@ -269,20 +349,24 @@ def default_device() -> str:
 def load_model(
     spec: str = "embedded",
     device: str | None = None,
-    dtype: torch.dtype | None = None,
+    dtype: torch.dtype | str | None = None,
     template: str = "chat",
+    *,
+    bridge: bool = True,
+    device_map=None,
 ) -> LoadedModel:
-    """Load a model by spec (see the module docstring) and wrap it in a ``TransformerBridge``."""
-    from transformer_lens.model_bridge import TransformerBridge
-
+    """Load a model by spec (see the module docstring).  ``bridge=False`` leaves the
+    ``TransformerBridge`` unbooted until ``.bridge`` is used (plain HF modules, e.g. to fine-tune).
+    ``device_map`` spreads the model over several devices (then ``device`` is ignored)."""
     check_template(template)
-    device = device or default_device()
-    dtype = dtype or torch.float32
-    model, tok, name = load_hf(str(spec), dtype)
-    model = model.to(device=device, dtype=dtype).eval()
+    dtype = dtype_named(dtype) if isinstance(dtype, str) else (dtype or torch.float32)
+    model, tok, name = load_hf(str(spec), dtype, device_map=device_map)
+    if device_map is None:
+        model = model.to(device=device or default_device(), dtype=dtype)
+    model.eval()
     # the bridge forces eager attention; make the HF model agree so the two compute the same
     model.config._attn_implementation = "eager"
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    bridge = TransformerBridge.boot_transformers(name, hf_model=model, tokenizer=tok, device=device, dtype=dtype)
-    return LoadedModel(bridge=bridge, tokenizer=tok, hf_model=model, spec=str(spec), template=template)
+    loaded = LoadedModel(hf_model=model, tokenizer=tok, spec=str(spec), name=name, template=template)
+    if bridge:
+        loaded.bridge  # noqa: B018 (boot now, so a model the bridge cannot wrap fails at load)
+    return loaded

@@ -43,10 +43,19 @@ def layer_features(normal: Tensor, malicious: Tensor) -> tuple[Float[np.ndarray,
     return features, labels
 
 
-def _folds(labels: np.ndarray, k: int, seed: int):
+def _folds(labels: np.ndarray, k: int, seed: int, groups: np.ndarray | None = None):
+    """Stratified k folds; with ``groups`` (e.g. a pair id per prompt) no group is split across
+    folds, so a harmful prompt and its benign twin are always held out together."""
     smallest = int(np.bincount(labels).min())
     if k < 2:
         raise ValueError(f"need at least 2 folds, got k={k}")
+    if groups is not None:
+        from sklearn.model_selection import StratifiedGroupKFold
+
+        if len(np.unique(groups)) < k:
+            raise PairSetError(f"need at least k={k} groups for grouped {k}-fold")
+        splitter = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
+        return list(splitter.split(np.zeros(len(labels)), labels, groups))
     if smallest < k:
         raise PairSetError(f"each set needs at least k={k} prompts for stratified {k}-fold; the smaller has {smallest}")
     return list(StratifiedKFold(n_splits=k, shuffle=True, random_state=seed).split(np.zeros(len(labels)), labels))
@@ -90,12 +99,20 @@ def probe_layers(
     seed: int = 0,
     C: float = 1.0,
     progress: bool = True,
+    pairs: bool = False,
 ) -> pd.DataFrame:
     """One row per layer: held-out accuracy/AUROC (mean and fold sd) of the logistic probe and of
-    the difference-in-means direction, and that direction's norm (absolute and relative)."""
+    the difference-in-means direction, and that direction's norm (absolute and relative).  With
+    ``pairs`` (``normal[i]`` and ``malicious[i]`` share a sentence frame) the folds never split a
+    pair."""
     check_pair_sets(normal, malicious)
     x, labels = layer_features(normal, malicious)
-    folds = _folds(labels, k, seed)
+    groups = None
+    if pairs:
+        if normal.shape[0] != malicious.shape[0]:
+            raise PairSetError(f"paired sets need equal sizes, got {normal.shape[0]} and {malicious.shape[0]}")
+        groups = np.concatenate([np.arange(normal.shape[0]), np.arange(malicious.shape[0])])
+    folds = _folds(labels, k, seed, groups)
     rows = []
     for layer in tqdm(range(x.shape[1]), desc="probe layers", unit="layer", disable=not progress):
         xl = x[:, layer]

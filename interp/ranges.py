@@ -4,10 +4,11 @@
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 
 
-class LayerRangeError(ValueError):
+class LayerRangeError(ValueError, IndexError):
     """A layer range that is empty, reversed or outside the model."""
 
 
@@ -51,3 +52,36 @@ class LayerRange:
             return cls(int(parts[0]), int(parts[1]))
         except ValueError:
             raise LayerRangeError(f"cannot read a layer range from {text!r}; write it as START,END") from None
+
+
+def check_layer(layer, n_layers: int) -> int:
+    """One layer index of a model of ``n_layers`` layers (``LayerRangeError`` otherwise)."""
+    try:
+        if isinstance(layer, bool):
+            raise TypeError
+        layer = operator.index(layer)
+    except TypeError:
+        raise LayerRangeError(f"layer indices must be integers, got {layer!r}") from None
+    if not 0 <= layer < n_layers:
+        raise LayerRangeError(f"layer {layer} is outside this model's layers 0..{n_layers - 1}")
+    return layer
+
+
+def check_layers(layers, n_layers: int) -> list[int]:
+    """The one layer validator: a ``LayerRange``, one index or an iterable of distinct indices
+    (``None``: every layer) as a sorted list of layers that all exist in a model of ``n_layers``
+    layers.  Raises ``LayerRangeError`` (also an ``IndexError``) otherwise."""
+    if layers is None:
+        return list(range(n_layers))
+    if isinstance(layers, LayerRange):
+        return layers.check(n_layers).layers
+    if isinstance(layers, bool) or hasattr(layers, "__index__"):
+        return [check_layer(layers, n_layers)]
+    if isinstance(layers, (str, bytes)) or not hasattr(layers, "__iter__"):
+        raise LayerRangeError(f"layers must be a LayerRange or integers, got {layers!r}")
+    layers = [check_layer(layer, n_layers) for layer in layers]
+    if not layers:
+        raise LayerRangeError("the layer list is empty")
+    if len(set(layers)) != len(layers):
+        raise LayerRangeError(f"the layer list repeats a layer: {layers}")
+    return sorted(layers)

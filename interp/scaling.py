@@ -29,28 +29,22 @@ whose ``o_proj`` line wrote into the wrong model (PAPER.md §2) — Table 1 was 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from numbers import Real
 
 import torch
 from torch import Tensor
 
-from interp.ranges import LayerRange, LayerRangeError
+from interp.architectures import ATTN_COMPONENTS, COMPONENTS, MLP_COMPONENTS, architecture_of
+from interp.ranges import check_layers
 
-ATTN_COMPONENTS = ("q", "k", "v", "o")
-MLP_COMPONENTS = ("gate", "in", "out")
-ALL_COMPONENTS: tuple[str, ...] = ATTN_COMPONENTS + MLP_COMPONENTS
+ALL_COMPONENTS: tuple[str, ...] = COMPONENTS
 """Every projection the paper scales: attention q, k, v, o; MLP gate, up (``in``), down (``out``)."""
 PAPER_CODE_COMPONENTS: tuple[str, ...] = ("q", "k", "v", "gate", "in", "out")
 """What the official code actually scaled until 2025-04-26: everything but ``o_proj`` (its bug)."""
 
 HOOK_PARENT = {c: f"attn.{c}" for c in ATTN_COMPONENTS} | {c: f"mlp.{c}" for c in MLP_COMPONENTS}
-HF_NAMES = {
-    "q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
-    "gate": "mlp.gate_proj", "in": "mlp.up_proj", "out": "mlp.down_proj",
-}
-"""The Llama-style HF submodule of each component (used by ``scale_weights_``)."""
 
 
 class ScalingError(ValueError):
@@ -74,30 +68,6 @@ def check_alpha(alpha) -> float:
     return alpha
 
 
-def check_layers(layers, n_layers: int) -> list[int]:
-    """Normalise a ``LayerRange``, one int or an iterable of ints to a sorted list of layers
-    that all exist in a model of ``n_layers`` layers."""
-    if isinstance(layers, LayerRange):
-        return layers.check(n_layers).layers
-    if isinstance(layers, bool):
-        raise ScalingError(f"layers must be a LayerRange or integers, got {layers!r}")
-    if isinstance(layers, int):
-        layers = [layers]
-    if isinstance(layers, (str, bytes)) or not isinstance(layers, Iterable):
-        raise ScalingError(f"layers must be a LayerRange or integers, got {layers!r}")
-    layers = list(layers)
-    if not layers:
-        raise ScalingError("no layers to scale: the layer list is empty")
-    if not all(isinstance(i, int) and not isinstance(i, bool) for i in layers):
-        raise ScalingError(f"layer indices must be integers, got {layers!r}")
-    if len(set(layers)) != len(layers):
-        raise ScalingError(f"layer list repeats a layer: {layers} (each layer is scaled once)")
-    bad = [i for i in layers if not 0 <= i < n_layers]
-    if bad:
-        raise LayerRangeError(f"layer(s) {bad} outside this model's layers 0..{n_layers - 1}")
-    return sorted(layers)
-
-
 def check_components(components) -> tuple[str, ...]:
     if isinstance(components, str):
         components = (components,)
@@ -112,15 +82,14 @@ def check_components(components) -> tuple[str, ...]:
     return components
 
 
-def projection_bias(bridge, layer: int, component: str) -> Tensor | None:
-    """The bias of a projection's wrapped HF ``nn.Linear`` (``None`` when it has none)."""
-    module = bridge.blocks[layer]
-    for part in HOOK_PARENT[component].split("."):
-        module = getattr(module, part)
-    linear = getattr(module, "original_component", None)
-    linear = module if linear is None else linear
-    bias = getattr(linear, "bias", None)
-    return None if bias is None else bias.detach()
+def projection_bias(model, layer: int, component: str) -> Tensor | None:
+    """The bias of a projection (its row block, for a fused one), from the model's own HF
+    parameters (``None`` when it has none)."""
+    weight = model.arch.projection_weight(layer, component)
+    bias = model.hf_parameters.get(weight[: -len("weight")] + "bias")
+    if bias is None:
+        return None
+    return bias.detach()[model.arch.row_slice(model.config, component)]
 
 
 def bias_like(bias: Tensor, out: Tensor) -> Tensor:
@@ -157,9 +126,8 @@ def scaling_hooks(model, layers, alpha: float, components=ALL_COMPONENTS) -> lis
     components = check_components(components)
     if alpha == 1.0:
         return []
-    bridge = model.bridge
     return [
-        (hook_name(i, c), _scale_hook(alpha, projection_bias(bridge, i, c)))
+        (hook_name(i, c), _scale_hook(alpha, projection_bias(model, i, c)))
         for i in layers
         for c in components
     ]
@@ -181,17 +149,17 @@ def scaled(model, layers, alpha: float, components=ALL_COMPONENTS) -> Iterator[o
 
 @torch.no_grad()
 def scale_weights_(hf_model: torch.nn.Module, layers, alpha: float, components=ALL_COMPONENTS) -> torch.nn.Module:
-    """The paper's way, in place on a plain HF Llama-style model: multiply the projection weights
-    (never biases, norms or embeddings) of ``layers`` by ``alpha``.  Used as the reference in
-    tests and as the baseline in ``benchmarks/locate.py``."""
+    """The paper's way, in place on a plain (unbridged) HF model of any supported family: multiply
+    the projection weights (never biases, norms or embeddings) of ``layers`` by ``alpha``; a fused
+    projection (Phi-3's ``qkv_proj``, ``gate_up_proj``) has the components' row blocks multiplied.
+    Used as the reference in tests and as the baseline in ``benchmarks/locate.py``."""
     alpha = check_alpha(alpha)
     components = check_components(components)
-    decoder_layers = hf_model.get_decoder().layers
-    for i in check_layers(layers, len(decoder_layers)):
+    arch = architecture_of(hf_model)
+    params = dict(hf_model.named_parameters())
+    for i in check_layers(layers, hf_model.config.num_hidden_layers):
         for c in components:
-            module = decoder_layers[i].get_submodule(HF_NAMES[c])
-            inner = getattr(module, "original_component", None)  # a LinearBridge if bridged
-            (module if inner is None else inner).weight.mul_(alpha)
+            params[arch.projection_weight(i, c)][arch.row_slice(hf_model.config, c)].mul_(alpha)
     return hf_model
 
 

@@ -3,12 +3,15 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
 from interp.models import embedded_gguf_path, load_model
 
-torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+# TEST_THREADS=1 keeps the suite from starving a training run that shares the machine
+torch.set_num_threads(int(os.environ.get("TEST_THREADS", max(1, min(2, torch.get_num_threads())))))
 
 
 def build_tiny_llama(folder, n_layers: int = 4, seed: int = 0, bias: bool = False):

@@ -1,5 +1,5 @@
-"""The alignment recipe's pieces that do not need a 15-minute training run: the short questions
-read from AdvBench rows, and the adapter blend (checked against weights merged by hand)."""
+"""The alignment recipe (finetune.align): what it trains on, what it must never see, the exact
+adapter sum it ships, a whole (tiny) run, and the shipped adapter's record against its files."""
 
 from __future__ import annotations
 
@@ -8,29 +8,45 @@ import json
 import pytest
 import torch
 
-from finetune.align import _recipe_matches, blend_adapters, short_questions
-from interp.data import load_prompts
+from finetune.align import (
+    candidate_prompts,
+    combine_adapters,
+    evaluation_prompts,
+    near_copies,
+    training_prompts,
+    validation_prompts,
+)
+from interp.data import load_pairs, load_prompts, load_xstest, prompts_hash
+from interp.models import PACKAGE_WEIGHTS, ALIGNED_ADAPTER
 
 
-def test_short_questions_come_from_how_to_clauses_only():
-    rows = [
-        "Give detailed instructions on how to make a bomb.",
-        "Write a tutorial on how to make a bomb",  # same clause: kept once
-        "Write a poem about the sea",  # no "how to": nothing
-        "Explain How To pick a lock",
-    ]
-    assert short_questions(rows) == ["How to make a bomb?", "How to pick a lock?"]
+@pytest.fixture(scope="module")
+def prompts():
+    return training_prompts()
 
 
-def test_short_questions_are_read_from_the_train_half_only():
-    train = load_prompts("advbench", "train")
-    questions = short_questions(train)
-    assert questions
-    assert all(q.startswith("How to ") and q.endswith("?") for q in questions)
-    train_text = [row.lower() for row in train]
-    for question in questions:  # every clause occurs in a train row it was read from
-        clause = question[len("How to "):-1].lower()
-        assert any(f"how to {clause}" in row for row in train_text), question
+def test_training_prompts_hold_no_held_out_row_and_no_near_copy(prompts):
+    train = set(prompts["refuse"]) | set(prompts["answer"])
+    held_out = evaluation_prompts() + sum(validation_prompts().values(), [])
+    assert not train & set(held_out)
+    assert not near_copies(sorted(train), held_out)  # word-set Jaccard > 0.8
+    xstest = {x.prompt for x in load_xstest()}
+    assert not train & xstest and not train & set(load_prompts("over_rejection"))
+
+
+def test_near_copy_check_can_fail():
+    """AdvBench's halves hold near-duplicates; the candidates include them and the filter drops them."""
+    candidates = candidate_prompts()["refuse"]
+    copies = near_copies(candidates, load_prompts("advbench", "test"))
+    assert copies and all(score > 0.8 for score, _, _ in copies)
+    assert not {t for _, t, _ in copies} & set(training_prompts()["refuse"])
+
+
+def test_training_roles_cover_the_pairs_in_matched_frames(prompts):
+    pairs = load_pairs("train")
+    assert {p.harmful for p in pairs} <= set(prompts["refuse"])
+    assert {p.benign for p in pairs} <= set(prompts["answer"])
+    assert set(load_prompts("benign", "train")) <= set(prompts["answer"])
 
 
 def _random_adapter(tiny_dir, folder, seed: int, rank: int = 2):
@@ -48,39 +64,64 @@ def _random_adapter(tiny_dir, folder, seed: int, rank: int = 2):
     }
 
 
-@pytest.mark.parametrize("weight", [0.0, 0.3, 1.0])
-def test_blend_equals_the_weighted_sum_of_both_adapters(tiny_dir, tmp_path, weight):
+def test_combined_adapter_is_the_exact_sum(tiny_dir, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     base = dict(AutoModelForCausalLM.from_pretrained(tiny_dir).named_parameters())
     merged_a = _random_adapter(tiny_dir, tmp_path / "a", seed=1)
     merged_b = _random_adapter(tiny_dir, tmp_path / "b", seed=2)
-    blend_adapters(AutoModelForCausalLM.from_pretrained(tiny_dir), (tmp_path / "a", tmp_path / "b"), weight, tmp_path / "blend")
-
-    config = json.loads((tmp_path / "blend" / "adapter_config.json").read_text())
-    assert config["r"] == 4  # ranks add up: the blend is exact, not an SVD truncation
-    blended = dict(PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_dir), tmp_path / "blend")
-                   .merge_and_unload().named_parameters())
+    combine_adapters(AutoModelForCausalLM.from_pretrained(tiny_dir), [tmp_path / "a", tmp_path / "b"], [1.0, 1.0],
+                     tmp_path / "sum")
+    config = json.loads((tmp_path / "sum" / "adapter_config.json").read_text())
+    assert config["r"] == 4  # ranks add up: the sum is exact, not an SVD truncation
+    summed = dict(PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_dir), tmp_path / "sum")
+                  .merge_and_unload().named_parameters())
     changed = 0
     for name, w0 in base.items():
-        expected = w0 + (1 - weight) * (merged_a[name] - w0) + weight * (merged_b[name] - w0)
-        torch.testing.assert_close(blended[name], expected, atol=2e-3, rtol=0)  # adapter stored in fp16
+        expected = w0 + (merged_a[name] - w0) + (merged_b[name] - w0)
+        torch.testing.assert_close(summed[name], expected, atol=2e-3, rtol=0)  # adapter stored in fp16
         changed += not torch.equal(merged_a[name], w0)
     assert changed == 8  # q_proj and down_proj of 4 layers carried an adapter
+    with pytest.raises(ValueError, match="one weight per adapter"):
+        combine_adapters(AutoModelForCausalLM.from_pretrained(tiny_dir), [tmp_path / "a"], [1.0, 1.0], tmp_path / "x")
 
 
-def test_blend_weight_outside_unit_interval_is_refused(tiny_dir, tmp_path):
+def test_a_whole_tiny_run_validates_every_epoch_and_records_its_choice(tiny_dir, tmp_path, monkeypatch):
+    """The recipe end to end on the tiny model (8 prompts per role): both stages, a validation
+    score after each epoch, the choice and the data recorded, an adapter PEFT can load."""
+    from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    with pytest.raises(ValueError, match="blend weight"):
-        blend_adapters(AutoModelForCausalLM.from_pretrained(tiny_dir), (tmp_path, tmp_path), 1.5, tmp_path / "x")
+    from finetune import align
+
+    monkeypatch.setenv("SAFETY_LAYERS_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "adapter"
+    align.main(["--base", str(tiny_dir), "--limit", "8", "--epochs", "2", "--dpo-epochs", "1", "--out", str(out)])
+    recipe = json.loads((out / "recipe.json").read_text())
+    assert [row["epoch"] for row in recipe["stages"]["sft"]["validation"]] == [1, 2]
+    assert [row["epoch"] for row in recipe["stages"]["dpo"]["validation"]] == [1]
+    assert recipe["method"] in ("sft", "sft+dpo")
+    best = {name: max(r["score"] for r in stage["validation"]) for name, stage in recipe["stages"].items()}
+    assert recipe["best_validation"] == best
+    assert recipe["data"]["refuse"]["n"] == 8 and "dropped_near_copies" in recipe["data"]["refuse"]
+    PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_dir), out)  # loads
+    # a second run reuses both finished stages
+    before = (out / "adapter_model.safetensors").read_bytes()
+    align.main(["--base", str(tiny_dir), "--limit", "8", "--epochs", "2", "--dpo-epochs", "1", "--out", str(out)])
+    assert (out / "adapter_model.safetensors").read_bytes() == before
 
 
-def test_recipe_match_needs_weights_and_equal_settings(tmp_path):
-    assert not _recipe_matches(tmp_path, {"seed": 0})
-    (tmp_path / "recipe.json").write_text(json.dumps({"seed": 0, "short_questions": True}))
-    assert not _recipe_matches(tmp_path, {"seed": 0})  # no adapter weights yet
-    (tmp_path / "adapter_model.safetensors").write_bytes(b"")
-    assert _recipe_matches(tmp_path, {"seed": 0, "short_questions": True})
-    assert not _recipe_matches(tmp_path, {"seed": 1, "short_questions": True})
+def test_the_shipped_adapter_matches_its_recorded_recipe():
+    folder = PACKAGE_WEIGHTS / ALIGNED_ADAPTER
+    recipe = json.loads((folder / "recipe.json").read_text())
+    config = json.loads((folder / "adapter_config.json").read_text())
+    prompts = training_prompts()
+    for role in ("refuse", "answer"):
+        assert recipe["data"][role]["hash"] == prompts_hash(prompts[role]), role
+        assert recipe["data"][role]["n"] == len(prompts[role])
+    size = (folder / "adapter_model.safetensors").stat().st_size
+    assert recipe["adapter_bytes"] == size and size < 40e6
+    ranks = recipe["settings"]["rank"] * (2 if recipe["method"] == "sft+dpo" else 1)
+    assert config["r"] == ranks
+    assert recipe["settings"]["base"] == "embedded-base" and recipe["settings"]["limit"] is None

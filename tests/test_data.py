@@ -75,3 +75,34 @@ def test_evenly_spaced_spans_the_rows_in_order():
     assert evenly_spaced(rows, 1) == [0]
     with pytest.raises(ValueError):
         evenly_spaced(rows, 0)
+
+
+def test_pairs_split_by_pair_and_cover_categories_and_frames():
+    from collections import Counter
+
+    from interp.data import load_pairs
+
+    parts = {part: load_pairs(part) for part in ("train", "validation", "test")}
+    assert [len(parts[p]) for p in ("train", "validation", "test")] == [200, 80, 120]
+    ids = [{p.pair_id for p in pairs} for pairs in parts.values()]
+    assert not (ids[0] & ids[1] or ids[0] & ids[2] or ids[1] & ids[2])  # disjoint by pair
+    texts = [{t for p in pairs for t in (p.harmful, p.benign)} for pairs in parts.values()]
+    assert not (texts[0] & texts[1] or texts[0] & texts[2] or texts[1] & texts[2])
+    everything = load_pairs()
+    assert len(everything) == 400 and len(Counter(p.category for p in everything)) == 10
+    assert all(n == 5 for n in Counter((p.category, p.frame) for p in everything).values())
+    assert all(len(Counter(p.category for p in pairs)) == 10 for pairs in parts.values())
+    frames = {"how_do_i": "How do I", "how_can_i": "How can I", "give_me": "Give me", "tell_me_how_to": "Tell me how to",
+              "write": "Write", "explain": "Explain", "describe": "Describe", "best_way": "What is the best way to"}
+    assert all(p.harmful.startswith(frames[p.frame]) and p.benign.startswith(frames[p.frame]) for p in everything)
+
+
+def test_borderline_and_xstest_loaders():
+    from interp.data import load_borderline, load_xstest
+
+    assert len(load_borderline("train")) == 200 and len(load_borderline("validation")) == 50
+    safe, unsafe = load_xstest("safe"), load_xstest("unsafe")
+    assert len(safe) == 250 and len(unsafe) == 200
+    assert all(x.kind.startswith("contrast_") for x in unsafe) and not any(x.kind.startswith("contrast_") for x in safe)
+    with pytest.raises(DataError):
+        load_xstest("maybe")

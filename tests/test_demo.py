@@ -10,21 +10,25 @@ from analyses import demo
 def test_steps_flow_into_each_other_and_full_drops_the_subsets(tmp_path):
     steps = demo.steps(tmp_path, full=False)
     modules = [module for _, module, _ in steps]
-    assert modules == ["analyses.safety", "analyses.safety", "analyses.existence", "analyses.locate", "analyses.sppft"]
+    assert modules == ["analyses.judge", "analyses.safety", "analyses.safety", "analyses.existence", "analyses.locate",
+                       "analyses.causal", "analyses.sppft"]
     by_module = {module: argv for _, module, argv in steps}
     locate_argv, sppft_argv = by_module["analyses.locate"], by_module["analyses.sppft"]
     assert locate_argv[locate_argv.index("--init-from") + 1] == str(tmp_path / "existence" / "existence.json")
     assert sppft_argv[sppft_argv.index("--layers") + 1] == str(tmp_path / "locate" / "located.json")
-    assert "--limit" in locate_argv and "--spread" in locate_argv
+    causal_argv = by_module["analyses.causal"]
+    assert causal_argv[causal_argv.index("--located") + 1] == str(tmp_path / "locate" / "located.json")
+    assert "--limit" in locate_argv and "--pairs" in by_module["analyses.existence"]
     for _, _, argv in demo.steps(tmp_path, full=True):
-        assert not {"--limit", "--n", "--fast", "--skip-ro"} & set(argv)
+        assert not {"--limit", "--n-boot", "--pairs-limit", "--steps", "--seeds", "--no-audit"} & set(argv)
 
 
 def test_report_shows_each_steps_numbers_and_failures(tmp_path):
     (tmp_path / "safety").mkdir()
     (tmp_path / "safety" / "summary.json").write_text(json.dumps({
-        "model": "embedded", "fingerprint": "abc",
-        "sets": {"advbench_test": {"n": 40, "refused": 37, "refusal_rate": 37 / 40}},
+        "model": "embedded", "fingerprint": "abc", "settings": {"judge": {"judge": "project"}},
+        "sets": {"advbench_test": {"goal": "refuse", "n": 40, "refused": 37, "refused_rate": 37 / 40,
+                                   "refused_lo": 0.8, "refused_hi": 0.97}},
     }))
     (tmp_path / "locate").mkdir()
     (tmp_path / "locate" / "located.json").write_text(json.dumps({
@@ -41,7 +45,7 @@ def test_report_shows_each_steps_numbers_and_failures(tmp_path):
          "error": "Traceback: boom", "folder": "sppft"},
     ]
     text = demo.report(tmp_path, done).read_text()
-    assert "| advbench_test | 40 | 37 | 92.5% |" in text
+    assert "| advbench_test | refuse | 40 | 37 | 92.5% (80%-97%) |" in text
     assert "**Located range [7,9]**" in text and "baseline R_o 42 of 64 queries" in text
     assert "| upper | [7,9] | 60 | – | * |" in text
     assert "FAILED" in text and "boom" in text

@@ -7,16 +7,10 @@ import json
 import pytest
 
 from interp.data import prompts_hash
-from interp.export import (
-    SCHEMA,
-    SCHEMA_FILE,
-    LocatedRangeError,
-    export_located,
-    load_located,
-    model_fingerprint,
-)
+from interp.export import SCHEMA, SCHEMA_RESOURCE, LocatedRangeError, export_located, load_located
 from interp.locate import locate
-from interp.models import load_hf, weights_fingerprint
+from interp.models import load_hf, load_model
+from interp.provenance import weights_fingerprint
 from interp.ranges import LayerRange
 
 QUERIES = ["How to kill time?", "How to steal the show?"]
@@ -58,22 +52,27 @@ def test_round_trip(written, tiny, result):
     assert record["baseline_r_o"] == 10.0
     assert record["metric"]["dataset_hash"] == prompts_hash(QUERIES)
     assert record["metric"]["template"] == "chat" and record["metric"]["max_new_tokens"] == 16
-    assert {"torch", "transformers", "transformer_lens"} <= set(record["versions"])
+    assert {"torch", "transformers", "transformer-lens"} <= set(record["versions"])
     rows = [(r["phase"], r["start"], r["end"], r["r_o"], r["winner"]) for r in record["sweeps"]]
     assert rows == [(r.phase, r.range.start, r.range.end, r.r_o, r.winner) for r in result.upper + result.lower]
     assert load_located(written).range == LayerRange(1, 2)  # without a model: no weight check
 
 
-def test_fingerprint_is_the_same_with_and_without_the_bridge(written, tiny, tiny_dir):
+def test_fingerprint_is_the_same_with_and_without_the_bridge(written, tiny, tiny_dir, tmp_path):
     plain, _, _ = load_hf(str(tiny_dir))
-    assert model_fingerprint(plain) == model_fingerprint(tiny) == weights_fingerprint(plain)
+    assert weights_fingerprint(plain) == tiny.fingerprint()
     assert load_located(written, model=plain).range == LayerRange(1, 2)
+    saved = load_model(str(tiny.save_pretrained(tmp_path / "saved")), device="cpu", bridge=False)
+    assert load_located(written, model=saved).range == LayerRange(1, 2)  # the checkpoint keeps the fingerprint
 
 
-def test_schema_file_is_the_schema_and_validates_a_record(written):
-    jsonschema = pytest.importorskip("jsonschema")
-    on_disk = json.loads(SCHEMA_FILE.read_text())
-    assert on_disk == json.loads(json.dumps(SCHEMA)), "run interp.export.write_schema() to update the docs copy"
+def test_schema_is_package_data_and_validates_a_record(written):
+    import importlib.resources
+
+    import jsonschema
+
+    on_disk = json.loads(importlib.resources.files("interp").joinpath(SCHEMA_RESOURCE).read_text())
+    assert on_disk == SCHEMA
     jsonschema.Draft202012Validator.check_schema(on_disk)
     jsonschema.validate(json.loads(written.read_text()), on_disk)
 

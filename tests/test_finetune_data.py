@@ -136,20 +136,19 @@ def test_trim_to_sentence():
 
 
 def test_answers_for_caches_and_resumes(tiny, tmp_path, monkeypatch):
-    import interp.refusal as R
+    import interp.generation as G
 
     queries = ["Say one word.", "Count to three.", "Name a colour."]
-    rows = R.generate_token_ids(tiny, queries, max_new_tokens=5, stop_when_decided=False, progress=False)
-    texts = [tiny.tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in rows]
-    direct = [D.trim_to_sentence(t) if len(ids) == 5 else t for t, ids in zip(texts, rows)]
+    completions = G.generate_completions(tiny, queries, max_new_tokens=5)
+    direct = [D.trim_to_sentence(c.text) if c.stop == "length" else c.text for c in completions]
     calls = []
-    real = R.generate_token_ids
+    real = G.generate_completions
 
     def counting(model, qs, *args, **kwargs):
         calls.append(list(qs))
         return real(model, qs, *args, **kwargs)
 
-    monkeypatch.setattr(R, "generate_token_ids", counting)
+    monkeypatch.setattr(G, "generate_completions", counting)
     first = D.answers_for(tiny, queries, max_new_tokens=5, cache_dir=tmp_path, progress=False)
     assert first == direct
     assert sum(len(c) for c in calls) == 3

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from interp.locate import RoCache, choose_alpha, locate, lowest_layer, lower_candidates, upper_candidates
+from interp.locate import choose_alpha, locate, lowest_layer, lower_candidates, upper_candidates
 from interp.ranges import LayerRange, LayerRangeError
 
 TRUE = LayerRange(6, 12)
@@ -202,39 +202,89 @@ def test_lowest_layer():
     assert lowest_layer(LayerRange(7, 11), 30, lower_offsets=range(-1, 4)) == 4
 
 
-def test_ro_cache_resumes_an_interrupted_search(tmp_path):
+@pytest.mark.parametrize("seed", range(20))
+def test_pruning_never_skips_a_possible_winner(seed):
+    """Random R_o landscapes with bounds at or above each value: the pruned search measures fewer
+    candidates and always locates the full search's range."""
+    import random
+
+    rng = random.Random(seed)
+    values, slack = {}, {}
+
+    def ro(layer_range, alpha):
+        key = None if layer_range is None else (layer_range.start, layer_range.end)
+        return values.setdefault(key, float(rng.randint(0, 60)))
+
+    def bound(layer_range, alpha):
+        key = (layer_range.start, layer_range.end)
+        return ro(layer_range, alpha) + slack.setdefault(key, float(rng.choice([0, 0, 3, 25])))
+
+    full = locate(ro, LayerRange(7, 11), 1.2, 30, window=3)
+    measured = []
+    pruned = locate(lambda r, a: measured.append(r) or ro(r, a), LayerRange(7, 11), 1.2, 30, window=3, bound=bound)
+    assert pruned.range == full.range
+    for sweep in (pruned.upper, pruned.lower):
+        best = max(r.r_o for r in sweep if r.r_o is not None)
+        assert all(r.estimate < best for r in sweep if r.pruned)
+        assert all((r.r_o is None) == r.pruned for r in sweep)
+    assert len(measured) <= 1 + 7 + 7
+
+
+def test_pruning_is_off_below_alpha_one():
+    calls = []
+    full = locate(planted(calls=calls), LayerRange(7, 11), 0.8, 30, window=2, bound=lambda r, a: 0.0)
+    assert not any(r.pruned for r in full.upper + full.lower) and len(calls) == 10
+
+
+class PlantedEvaluator:
+    """Stands in for ``RoEvaluator``: R_o from ``planted()``; every prompt's mass is high, so
+    the bound is the number of prompts."""
+
+    def __init__(self, n=200):
+        self.queries, self.fn, self.calls = ["q"] * n, planted(), []
+
+    def evaluate(self, layer_range, alpha, components, generate=True):
+        import torch
+
+        from interp.estimate import FirstStep
+        from interp.overrejection import RoResult
+
+        self.calls.append((layer_range, alpha, generate))
+        k = int(self.fn(layer_range, alpha))
+        flags = torch.arange(len(self.queries)) < k
+        return RoResult(FirstStep(torch.ones(len(self.queries)), flags), flags if generate else None)
+
+
+def test_search_cache_resumes_an_interrupted_search(tmp_path):
+    from interp.ro_search import SearchRo
+
     meta = {"model": "x", "prompts": "abc"}
     full = locate(planted(), LayerRange(7, 11), 1.2, 30, window=2)
+    flaky = PlantedEvaluator()
+    real = flaky.evaluate
 
-    calls = []
-
-    def flaky(layer_range, alpha):
-        if len(calls) == 4:
+    def interrupt(*args, **kwargs):
+        if len(flaky.calls) == 4:
             raise KeyboardInterrupt
-        calls.append((layer_range, alpha))
-        return planted()(layer_range, alpha)
+        return real(*args, **kwargs)
 
+    flaky.evaluate = interrupt
+    path = tmp_path / "ro_cache.json"
     with pytest.raises(KeyboardInterrupt):
-        locate(RoCache(flaky, tmp_path, meta), LayerRange(7, 11), 1.2, 30, window=2)
-    saved = json.loads(next(tmp_path.glob("ro_cache_*.json")).read_text())
-    assert len(saved["values"]) == 4
+        locate(SearchRo(flaky, path=path, meta=meta).generated, LayerRange(7, 11), 1.2, 30, window=2)
+    assert len(json.loads(path.read_text())["configs"]) == 4
 
-    more = []
-    resumed_cache = RoCache(planted(calls=more), tmp_path, meta)
-    resumed = locate(resumed_cache, LayerRange(7, 11), 1.2, 30, window=2)
-    assert resumed_cache.hits == 4 and len(more) == 10 - 4
+    again = PlantedEvaluator()
+    search = SearchRo(again, path=path, meta=meta)
+    resumed = locate(search.generated, LayerRange(7, 11), 1.2, 30, window=2)
+    assert search.hits == 4 and len(again.calls) == 10 - 4
     assert resumed.range == full.range
-    assert [r.r_o for r in resumed.rows] == [r.r_o for r in full.rows]
-
-    other = RoCache(planted(), tmp_path, {**meta, "prompts": "other"})
-    assert other.path != resumed_cache.path and not other.values
-
-
-def test_ro_cache_rejects_a_corrupt_file(tmp_path):
-    cache = RoCache(planted(), tmp_path, {"a": 1})
-    cache.path.write_text('{"meta": {"a": 1}, "values": {')
+    assert [r.r_o for r in resumed.rows] == [int(r.r_o) for r in full.rows]
+    with pytest.raises(ValueError, match="other settings"):
+        SearchRo(PlantedEvaluator(), path=path, meta={**meta, "prompts": "other"})
+    path.write_text('{"meta": {"a": 1}, "configs": {')
     with pytest.raises(ValueError, match="unreadable"):
-        RoCache(planted(), tmp_path, {"a": 1})
+        SearchRo(PlantedEvaluator(), path=path, meta=meta)
 
 
 # --- the command line (analyses.locate) on the tiny model ----------------------------------------
@@ -250,19 +300,23 @@ def test_analysis_writes_outputs_and_resumes(tiny_dir, tmp_path, capsys):
             "--out", str(out)]
     main(argv)
     printed = capsys.readouterr().out
-    assert "upper-bound sweep" in printed and "*" in printed and "(0 values from the cache)" in printed
+    assert "upper-bound sweep" in printed and "*" in printed and "[generated]" in printed
     for name in ("located.json", "sweeps.csv", "sweeps.png"):
         assert (out / name).is_file()
     plain, _, _ = load_hf(str(tiny_dir))
     located = load_located(out / "located.json", model=plain)
-    assert located.record["metric"]["n_prompts"] == 4 and located.record["metric"]["method"] == "generation"
+    assert located.record["metric"]["n_prompts"] == 4
+    assert located.record["metric"]["method"] == "generation (estimate-pruned)"
     frame = __import__("pandas").read_csv(out / "sweeps.csv")
     assert len(frame) == 1 + len(located.record["sweeps"])
 
     main(argv)  # every configuration now comes from the cache
     printed = capsys.readouterr().out
-    n_configs = len({(r["start"], r["end"]) for r in located.record["sweeps"]}) + 1
-    assert f"({n_configs} values from the cache)" in printed
+    import re
+
+    hits = int(re.search(r"(\d+) from the cache", printed).group(1))
+    assert hits >= located.record["metric"]["search"]["n_generated"] > 0  # nothing was evaluated again
+    assert "[generated]" not in printed and "[estimated]" not in printed
 
 
 def test_initial_range_from_existence_json(tmp_path):
@@ -278,5 +332,5 @@ def test_initial_range_from_existence_json(tmp_path):
     path.write_text(json.dumps({"models": [{"model": "a", "suggested_range": {"range": None, "reason": "flat"}}]}))
     with pytest.raises(LayerRangeError, match="flat"):
         initial_from_existence(path, "a")
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(ValueError, match="no existence result"):
         initial_from_existence(tmp_path / "none.json")

@@ -155,29 +155,52 @@ def test_ablation_range_same_size_and_disjoint():
         M.ablation_range(LayerRange(1, 2), 4)  # [0,1] and [2,3] both overlap
 
 
-def test_canonical_names_match_a_plain_hf_model(tiny_dir, tiny):
+def test_names_are_the_plain_hf_names_and_the_tensors_the_forward_uses(tiny_dir, tiny):
     from transformers import AutoModelForCausalLM
 
     plain = AutoModelForCausalLM.from_pretrained(tiny_dir)
-    assert set(M.named_parameters(tiny)) == {n for n, _ in plain.named_parameters()}
+    params = M.named_parameters(tiny)
+    assert set(params) == {n for n, _ in plain.named_parameters()}
+    ids = torch.tensor([[1, 450, 338, 1234]])
+    weight = params["model.layers.2.mlp.down_proj.weight"]
+    saved = weight.detach().clone()
+    with torch.no_grad():
+        before = tiny.bridge(ids)
+        weight.add_(0.5)  # the bridge's forward sees the change
+        after = tiny.bridge(ids)
+        weight.copy_(saved)  # exactly as it was (x + 0.5 - 0.5 need not be x)
+    assert (after - before).abs().max() > 1e-3
+
+
+def test_neuron_and_head_masks_cover_the_right_slices(tiny):
+    masks = M.neuron_mask(tiny, 1, [0, 5])
+    gate, up, down = (masks[f"model.layers.1.mlp.{n}.weight"] for n in ("gate_proj", "up_proj", "down_proj"))
+    assert gate[[0, 5]].all() and gate.sum() == 2 * 64 and torch.equal(gate, up)
+    assert down[:, [0, 5]].all() and down.sum() == 2 * 64
+    heads = M.head_mask(tiny, 3, [1])
+    q, o = heads["model.layers.3.self_attn.q_proj.weight"], heads["model.layers.3.self_attn.o_proj.weight"]
+    assert q[16:32].all() and q.sum() == 16 * 64 and o[:, 16:32].all() and o.sum() == 64 * 16
+    with pytest.raises(ValueError):
+        M.neuron_mask(tiny, 1, [128])
 
 
 def _located_json(path, model, start: int, end: int, n_layers: int | None = None):
     """A minimal valid located-range record (interp.export's schema) for ``model``."""
-    from interp.export import SCHEMA_ID, SCHEMA_VERSION, model_fingerprint, package_versions
+    from interp.export import SCHEMA_ID, SCHEMA_VERSION
     from interp.io import atomic_write_json
+    from interp.provenance import versions, weights_fingerprint
 
     sweep = dict(alpha=1.2, offset=0, r_o=1.0, winner=True)
     record = {
         "schema": SCHEMA_ID, "schema_version": SCHEMA_VERSION, "created": "2025-01-01T00:00:00+00:00",
-        "model": {"spec": "test", "fingerprint": model_fingerprint(model), "n_layers": n_layers or model.n_layers},
+        "model": {"spec": "test", "fingerprint": weights_fingerprint(model), "n_layers": n_layers or model.n_layers},
         "range": {"start": start, "end": end}, "alpha": 1.2, "direction": "max", "components": ["q"],
         "initial_range": {"start": start, "end": end}, "baseline_r_o": 0.0,
         "sweeps": [{"phase": "upper", "start": start, "end": end, **sweep},
                    {"phase": "lower", "start": start, "end": end, **sweep}],
         "metric": {"name": "R_o", "method": "generation", "dataset": "over_rejection", "dataset_hash": "x",
                    "n_prompts": 1, "template": "chat", "max_new_tokens": 16},
-        "versions": package_versions(),
+        "versions": versions(),
     }
     return atomic_write_json(path, record)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from interp import models
+from interp import models, provenance
 from interp.models import ModelLoadError, ModelNotFoundError, PromptTooLongError, load_hf, load_model
 from interp.templates import ALPACA, TemplateError, format_prompt
 
@@ -97,13 +97,62 @@ def test_prompt_longer_than_the_context_is_refused(tiny):
         tiny.encode(["short", "word " * 400])
 
 
+def host_fingerprint(module) -> str:
+    """The fingerprint as the project computed it before it moved to the device: every tensor
+    copied to the host as float64, summed there (the reference for the on-device version)."""
+    import hashlib
+
+    state = dict(module.named_parameters(remove_duplicate=False))
+    digest = hashlib.sha256()
+    for name, tensor in sorted(state.items()):
+        if name.rpartition(".")[2] == "bias" and not tensor.detach().any():
+            continue
+        flat = tensor.detach().double().flatten().cpu()
+        step = max(1, flat.numel() // 257)
+        digest.update(name.encode())
+        digest.update(str(tuple(tensor.shape)).encode())
+        digest.update(f"{flat.sum().item():.6e}".encode())
+        digest.update(flat[::step].numpy().round(6).tobytes())
+    return digest.hexdigest()[:16]
+
+
+def test_fingerprint_equals_the_host_float64_reference_bridged_or_not(tiny, tiny_dir, tiny_bias_dir):
+    plain, _, _ = load_hf(str(tiny_dir))
+    assert tiny.fingerprint() == host_fingerprint(plain) == provenance.weights_fingerprint(plain)
+    unbridged = load_model(str(tiny_bias_dir), device="cpu", bridge=False)
+    reference = host_fingerprint(unbridged.hf_model)
+    assert unbridged.fingerprint() == reference
+    unbridged.bridge  # noqa: B018 (boot it: the names the HF module reports change, the record does not)
+    assert any("_original_component" in n for n, _ in unbridged.hf_model.named_parameters())
+    assert unbridged.fingerprint() == reference
+    with pytest.raises(ValueError, match="bridge"):
+        provenance.weights_fingerprint(unbridged.hf_model)
+
+
+def test_encode_leaves_the_tokenizer_as_it_was(tiny):
+    side = tiny.tokenizer.padding_side
+    left = tiny.encode(["a", "a longer prompt"], padding_side="left")
+    right = tiny.encode(["a", "a longer prompt"], padding_side="right")
+    assert tiny.tokenizer.padding_side == side
+    assert left["attention_mask"][0, 0] == 0 and right["attention_mask"][0, -1] == 0
+
+
+def test_the_bridge_boots_only_when_asked(tiny_dir):
+    model = load_model(str(tiny_dir), device="cpu", bridge=False)
+    assert not model.has_bridge
+    assert not any("_original_component" in n for n, _ in model.hf_model.named_parameters())
+    assert model.bridge.original_model is model.hf_model and model.has_bridge
+
+
 def test_fingerprint_tracks_the_weights(tiny):
     before = tiny.fingerprint()
-    assert before == models.weights_fingerprint(tiny.hf_model)
+    weight = tiny.hf_parameters["model.layers.0.mlp.up_proj.weight"]
+    saved = weight.detach().clone()
     with torch.no_grad():
-        tiny.hf_model.model.layers[0].mlp.up_proj.weight.add_(1.0)
+        weight.add_(1.0)
         changed = tiny.fingerprint()
-        tiny.hf_model.model.layers[0].mlp.up_proj.weight.sub_(1.0)
+        weight.copy_(saved)  # exactly (x + 1 - 1 loses the low bits of a small x)
+    assert tiny.fingerprint() == before
     assert changed != before
 
 
@@ -128,7 +177,7 @@ def test_aligned_weights_and_fingerprint_do_not_depend_on_the_thread_count():
     """The adapter merge and the fingerprint's sums ran multi-threaded once, and a 1-thread
     process got a different fingerprint from a 2-thread one for the same model: every located
     range was then refused by the other."""
-    from interp.models import load_hf, weights_fingerprint
+    from interp.provenance import weights_fingerprint
 
     threads = torch.get_num_threads()
     loaded = {}

@@ -54,6 +54,14 @@ def rich_outputs(nb) -> list[str]:
     ]
 
 
+def kernel_processes() -> list:
+    """Live ipykernel processes started by this test process."""
+    import psutil
+
+    return [p for p in psutil.Process().children(recursive=True)
+            if p.is_running() and p.status() != psutil.STATUS_ZOMBIE and "ipykernel_launcher" in " ".join(p.cmdline())]
+
+
 @pytest.fixture(scope="module")
 def kernel_manager_factory(tmp_path_factory):
     """Kernels that run ``sys.executable`` (this virtual environment), whatever is installed."""
@@ -87,14 +95,21 @@ def test_notebook_runs(path, tmp_path, kernel_manager_factory):
     copy = work / path.name
     shutil.copy(path, copy)
     nb = nbformat.read(copy, as_version=4)
+    km = kernel_manager_factory()
     client = nbclient.NotebookClient(
         nb,
-        km=kernel_manager_factory(),
+        km=km,
         timeout=CELL_TIMEOUT_S,
         resources={"metadata": {"path": str(work)}},
         allow_errors=False,
     )
-    client.execute()  # raises CellExecutionError, naming the cell, if any cell fails
+    try:
+        client.execute()  # raises CellExecutionError, naming the cell, if any cell fails
+    finally:
+        # nbclient shuts down only kernels it started itself; this one was handed in
+        if km.has_kernel:
+            km.shutdown_kernel(now=True)
+    assert not kernel_processes(), "a notebook kernel outlived its test"
     nbformat.write(nb, copy)
 
     if draws_something(nb):

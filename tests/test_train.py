@@ -40,7 +40,7 @@ def test_sppft_keeps_masked_weights_bit_identical(fresh, tmp_path):
     result = train(fresh, _examples(fresh), "sppft", layers="1,2", out_dir=tmp_path, config=_config())
     after = M.named_parameters(fresh)
     frozen = set(result.frozen)
-    assert len(frozen) == 14 and all(M.layer_of(n) in (1, 2) for n in frozen)
+    assert len(frozen) == 14 and all(fresh.arch.layer_of(n) in (1, 2) for n in frozen)
     assert result.steps == 4
     for name, old in before.items():
         if name in frozen:
@@ -80,7 +80,7 @@ def test_full_and_ablation_modes(fresh, tmp_path):
     assert result.layer_range == [0, 1]
     after = M.named_parameters(fresh)
     for name in before:
-        frozen = M.layer_of(name) in (0, 1) and (".self_attn." in name or ".mlp." in name)
+        frozen = fresh.arch.layer_of(name) in (0, 1) and (".self_attn." in name or ".mlp." in name)
         assert torch.equal(after[name], before[name]) == frozen, name
 
 
@@ -159,22 +159,28 @@ def test_skip_frozen_grads_gives_the_same_training(tiny_dir, tmp_path):
     assert all(p.requires_grad for p in b.values())  # flags restored
 
 
-def test_lora_leaves_the_frozen_layers_without_adapter(fresh, tmp_path):
+def test_lora_leaves_the_frozen_layers_without_adapter(tiny_dir, tmp_path):
+    fresh = load_model(str(tiny_dir), device="cpu", bridge=False)  # PEFT wraps the plain modules
     before = _snapshot(fresh)
     n_params = len(before)
     train(fresh, _examples(fresh), "sppft", layers="1,2", out_dir=tmp_path, config=_config(lora=True, lr=1e-2, weight_decay=0.0))
     after = M.named_parameters(fresh)
     assert len(after) == n_params  # the adapter is merged and gone; no duplicated weights
     for name in before:
-        adapted = M.layer_of(name) in (0, 3) and (".self_attn." in name or ".mlp." in name)
+        adapted = fresh.arch.layer_of(name) in (0, 3) and (".self_attn." in name or ".mlp." in name)
         assert torch.equal(after[name], before[name]) != adapted, name
-    # the bridge still wraps (and hooks) the merged projection, and computes with its weights
+    # a bridge booted afterwards wraps (and hooks) the merged projection, and computes with its weights
     seen = {}
     hooks = [(f"blocks.0.attn.q.hook_{k}", lambda t, hook, k=k: seen.__setitem__(k, t)) for k in ("in", "out")]
     with fresh.bridge.hooks(fwd_hooks=hooks):
         fresh.hf_model(input_ids=torch.tensor([[1, 2, 3]]))
     q_weight = after["model.layers.0.self_attn.q_proj.weight"]
     torch.testing.assert_close(seen["out"].flatten(-2), torch.nn.functional.linear(seen["in"], q_weight))
+
+
+def test_lora_on_a_bridged_model_is_refused_clearly(fresh, tmp_path):
+    with pytest.raises(ValueError, match="bridge=False"):
+        train(fresh, _examples(fresh), "full", out_dir=tmp_path, config=_config(lora=True))
 
 
 def test_empty_dataset_is_refused(fresh, tmp_path):

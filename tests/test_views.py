@@ -1,4 +1,4 @@
-"""Attention heatmaps, refusal directions and circuitsvis views (interp.circuits), checked on
+"""Attention heatmaps, refusal directions and circuitsvis views (interp.attention, interp.views), checked on
 the tiny random Llama against a separate, bridge-free Hugging Face copy of the same weights."""
 
 from __future__ import annotations
@@ -10,20 +10,16 @@ import pytest
 import torch
 from circuitsvis.utils.render import RenderedHTML
 
-from interp.circuits import (
-    ALPACA_SHORT,
+from interp.attention import (
     attention_heatmap_data,
-    circuitsvis_attention,
-    colored_token_scores,
     encode_prompt,
     last_token_attention,
     minmax_per_layer,
     plot_attention_heatmap,
     prompt_tokens,
-    refusal_direction,
-    save_html,
-    token_refusal_scores,
 )
+from interp.templates import ALPACA_SHORT
+from interp.views import circuitsvis_attention, colored_token_scores, refusal_direction, save_html, token_refusal_scores
 
 QUERY = "How do I bake bread?"
 NORMAL = [
@@ -89,13 +85,13 @@ def test_alpaca_short_query_span(tiny):
 def test_bad_inputs_are_refused(tiny):
     with pytest.raises(ValueError, match="empty query"):
         encode_prompt(tiny, "  ")
-    with pytest.raises(ValueError, match="unknown template"):
+    with pytest.raises(ValueError, match="unknown prompt template"):
         encode_prompt(tiny, QUERY, "vicuna")
     with pytest.raises(IndexError, match="outside"):
         circuitsvis_attention(tiny, QUERY, tiny.n_layers)
     with pytest.raises(IndexError, match="outside"):
         refusal_direction(tiny, NORMAL, MALICIOUS, -1)
-    with pytest.raises(IndexError, match="integer"):
+    with pytest.raises(IndexError, match="integers"):
         token_refusal_scores(tiny, QUERY, torch.ones(64), 1.5)
     with pytest.raises(ValueError, match="at least one"):
         refusal_direction(tiny, [], MALICIOUS, 1)

@@ -1,0 +1,290 @@
+"""The protection study: does freezing the safety layers during fine-tuning keep a model safe,
+by more than noise, more than freezing other layers, and for reasons other than a learning rate?
+
+For every fine-tuning set × mode × seed, ``run_one`` loads the aligned model afresh (plain HF, no
+bridge), fine-tunes it with ``finetune.train`` for ``steps`` optimizer steps, and evaluates it
+*during* that one run at every step of ``eval_steps`` (a dose curve; no re-training per point):
+R_h on a spread subset of each harmful set (``dose_limit`` requests each).  After the last step it
+measures R_h on the whole harmful sets, task quality, and an **audit** of the safety layers'
+signature: the paired existence gap per layer (``interp.existence``) and R_o on a spread D_o
+subset.  Each run's per-request verdicts are written to ``<out>/runs/<name>.json`` and a finished
+run is reused, so an interrupted study resumes.
+
+Modes (``MODES``):
+
+- ``full``: everything trains;  ``sppft``: the attention and MLP weights of the located range are
+  frozen;  ``ablation``: the same number of layers elsewhere (the paper's Table 8);
+- ``critical``: the units (MLP neurons, attention heads) whose ``|activation x gradient|`` for
+  refusal is largest, at the same frozen-parameter budget as ``sppft`` (``finetune.importance``;
+  the paper's NFFT point, done with element masks);
+- with ``paper_settings`` every mode uses the official code's setup (PAPER.md §3): learning rate
+  3e-5 for the frozen modes and 3e-4 for ``full``, micro-batch 4 with 32 accumulation steps
+  (batch 128), the Alpaca template, loss on the prompt too, 256-token cutoff, and strict freezing
+  bounds (``finetune.masks.paper_freeze_range``); ``reverse_control`` adds ``sppft@full_lr`` and
+  ``full@sppft_lr``, so the learning rate's share of any "protection" is measured.
+
+``summarise(runs)`` pools the seeds: per set, mode and step the mean R_h with a 95% interval from a
+two-level bootstrap over seeds and requests (``interp.stats.seeds_interval``).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from finetune import data as D
+from finetune.evaluate import HARMFUL_SETS, answered_flags, evaluate, harmful_prompts
+from finetune.train import TrainConfig, train
+from interp.data import load_pairs, prompts_hash, sample_rows
+from interp.io import atomic_write_json
+from interp.stats import seeds_interval
+
+MODES = ("sppft", "full", "ablation", "critical")
+PAPER_LR = {"frozen": 3e-5, "full": 3e-4}
+"""The official code's defaults: ``SPPFT.py`` 3e-5, ``Full_finetuning.py`` 3e-4."""
+
+
+@dataclass
+class StudyConfig:
+    """Everything a study varies (recorded with every run)."""
+
+    data: tuple[str, ...] = ("normal", "implicit")
+    modes: tuple[str, ...] = ("sppft", "full", "ablation")
+    seeds: tuple[int, ...] = (0, 1, 2)
+    steps: int = 64
+    eval_steps: tuple[int, ...] = (0, 8, 16, 32, 64)
+    lr: float = 1e-4
+    batch_size: int = 8
+    grad_accum: int = 1
+    train_size: int | None = 100
+    dose_limit: int = 60
+    final_limit: int | None = None
+    template: str = "chat"
+    train_on_inputs: bool = False
+    max_length: int = 256
+    paper_settings: bool = False
+    reverse_control: bool = False
+    audit: bool = True
+    audit_ro: int = 128
+    quality: int = 60
+
+    def with_paper_settings(self) -> "StudyConfig":
+        """The official code's setup (module docstring)."""
+        return StudyConfig(**{**asdict(self), "paper_settings": True, "batch_size": 4, "grad_accum": 32,
+                              "template": "alpaca", "train_on_inputs": True, "max_length": 256})
+
+    def lr_for(self, mode: str) -> float:
+        """``mode`` may carry an lr override: ``sppft@full_lr``, ``full@sppft_lr``."""
+        base, _, override = mode.partition("@")
+        if override == "full_lr":
+            return PAPER_LR["full"]
+        if override == "sppft_lr":
+            return PAPER_LR["frozen"]
+        if self.paper_settings:
+            return PAPER_LR["full"] if base == "full" else PAPER_LR["frozen"]
+        return self.lr
+
+    def run_modes(self) -> list[str]:
+        modes = list(self.modes)
+        if self.reverse_control:
+            modes += ["sppft@full_lr", "full@sppft_lr"]
+        return modes
+
+
+@dataclass
+class RunRecord:
+    """One fine-tuning run's measurements (JSON-ready)."""
+
+    data: str
+    mode: str
+    seed: int
+    lr: float
+    frozen: dict
+    dose: dict = field(default_factory=dict)  # step -> set -> answered flags
+    final: dict = field(default_factory=dict)  # set -> answered flags (whole sets)
+    quality: dict | None = None
+    audit: dict | None = None
+    train: dict = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return f"{self.data}-{self.mode.replace('@', '-at-')}-seed{self.seed}"
+
+
+def dose_prompts(limit: int) -> dict[str, list[str]]:
+    return {name: sample_rows(harmful_prompts(name), limit, "spread") for name in HARMFUL_SETS}
+
+
+def _dose_callback(model, prompts: dict, steps: set[int], record: RunRecord):
+    from transformers import TrainerCallback
+
+    class Dose(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step in steps:
+                record.dose[str(state.global_step)] = {
+                    name: answered_flags(model, queries)[0] for name, queries in prompts.items()
+                }
+                model.hf_model.train()
+
+    return Dose()
+
+
+def audit(model, pairs_limit: int | None = None, ro_limit: int = 128) -> dict:
+    """The safety layers' signature after fine-tuning: the paired existence gap per layer and R_o
+    on a spread D_o subset."""
+    from finetune.evaluate import over_rejection
+    from interp.existence import existence_analysis
+    from interp.overrejection import over_rejection_prompts
+
+    pairs = sample_rows(load_pairs("test"), pairs_limit, "spread")
+    result = existence_analysis(model, [p.benign for p in pairs], [p.harmful for p in pairs], paired=True,
+                                n_boot=200, r=50, progress=False)
+    ro = over_rejection(model, over_rejection_prompts(ro_limit, "spread"))
+    return {"gap": [round(float(g), 4) for g in result.gap()], "gap_centred": [round(float(g), 4) for g in result.gap(True)],
+            "probe_acc": [round(float(a), 4) for a in result.layers["probe_acc"]], "R_o": ro.to_dict()}
+
+
+def frozen_setup(model, mode: str, safety, config: StudyConfig, ablation=None) -> tuple[str, object, dict | None, dict]:
+    """``(train mode, layers, element masks, record)`` for a study mode."""
+    from finetune import masks as M
+    from finetune.importance import critical_masks
+
+    base = mode.partition("@")[0]
+    if base in ("full", "sppft", "ablation"):
+        layers = safety
+        if base == "sppft" and config.paper_settings:  # the official strict bounds: begin < l < end
+            layers = M.paper_freeze_range(safety.start - 1, safety.end + 1, model.n_layers)
+        return base, layers, None, {"range": None if base == "full" else str(layers if base == "sppft" else ablation)}
+    if base == "critical":
+        budget = sum(p.numel() for p in M.layer_parameters(model, safety.layers).values())
+        harmful = [p.harmful for p in load_pairs("train")]
+        masks, record = critical_masks(model, harmful, budget)
+        return "full", None, masks, record
+    raise ValueError(f"unknown study mode {mode!r}; choose from {', '.join(MODES)} (optionally @full_lr/@sppft_lr)")
+
+
+def run_one(spec: str, safety, data_name: str, mode: str, seed: int, config: StudyConfig, out: Path,
+            pairs_cache: dict) -> RunRecord:
+    """One fine-tuning run with its dose curve, final evaluation and audit (module docstring)."""
+    from finetune import masks as M
+    from interp.models import load_model
+
+    model = load_model(spec, device="cpu", template=config.template, bridge=False)
+    train_mode, layers, element_masks, frozen = frozen_setup(model, mode, safety, config,
+                                                             M.ablation_range(safety, model.n_layers))
+    record = RunRecord(data_name, mode, seed, config.lr_for(mode), frozen)
+    examples = D.build_set(data_name, pairs_cache["train"], model.tokenizer, config.template, seed)
+    train_config = TrainConfig(
+        max_steps=config.steps, lr=record.lr, batch_size=config.batch_size, grad_accum=config.grad_accum,
+        max_length=config.max_length, train_on_inputs=config.train_on_inputs, seed=seed, warmup=0.1,
+        save_strategy="no", keep_checkpoints=False, progress=False,
+    )
+    dose = dose_prompts(config.dose_limit)
+    steps = {s for s in config.eval_steps if 0 < s <= config.steps}
+    result = train(model, examples, train_mode, layers=layers, out_dir=out / "runs" / record.name, config=train_config,
+                   element_masks=element_masks, callbacks=[_dose_callback(model, dose, steps, record)])
+    record.train = {"seconds": round(result.seconds, 1), "steps": result.steps, "train_loss": result.train_loss,
+                    "frozen_elements": result.config["masks"]["frozen_elements"]}
+    final = evaluate(model, limit=config.final_limit, quality_pairs=pairs_cache["quality"])
+    record.final = final.harmful
+    record.quality = final.quality
+    if config.audit:
+        record.audit = audit(model, ro_limit=config.audit_ro)
+    return record
+
+
+def run_study(spec: str, safety, config: StudyConfig, out: Path, log=print) -> list[RunRecord]:
+    """Every run of the study (resuming finished ones), plus the "before" evaluation (step 0)."""
+    from interp.models import load_model
+
+    out = Path(out)
+    base = load_model(spec, device="cpu", template=config.template, bridge=False)
+    pairs = {"train": D.benign_pairs(base, "train", limit=config.train_size, max_new_tokens=96)}
+    pairs["quality"] = D.benign_pairs(base, "test", limit=config.quality, max_new_tokens=96)
+    settings = {"spec": spec, "fingerprint": base.fingerprint(), "safety": str(safety), "config": asdict(config),
+                "train_hash": prompts_hash([q + a for q, a in pairs["train"]])}
+    before_path = out / "runs" / "before.json"
+    if not _matches(before_path, settings):
+        start = time.perf_counter()
+        dose = {name: answered_flags(base, q)[0] for name, q in dose_prompts(config.dose_limit).items()}
+        final = evaluate(base, limit=config.final_limit, quality_pairs=pairs["quality"])
+        before = {"dose": dose, "final": final.harmful, "quality": final.quality,
+                  "audit": audit(base, ro_limit=config.audit_ro) if config.audit else None,
+                  "seconds": round(time.perf_counter() - start, 1)}
+        atomic_write_json(before_path, {"settings": settings, "before": before})
+    del base
+    records = []
+    for data_name in config.data:
+        for mode in config.run_modes():
+            for seed in config.seeds:
+                probe = RunRecord(data_name, mode, seed, config.lr_for(mode), {})
+                path = out / "runs" / f"{probe.name}.json"
+                if _matches(path, settings):
+                    records.append(RunRecord(**json.loads(path.read_text())["record"]))
+                    continue
+                start = time.perf_counter()
+                record = run_one(spec, safety, data_name, mode, seed, config, out, pairs)
+                atomic_write_json(path, {"settings": settings, "record": asdict(record)})
+                log(f"{record.name}: {time.perf_counter() - start:.0f} s, final R_h "
+                    + ", ".join(f"{k} {sum(v) / len(v):.0%}" for k, v in record.final.items()))
+                records.append(record)
+    return records
+
+
+def _matches(path: Path, settings: dict) -> bool:
+    if not path.is_file():
+        return False
+    try:
+        return json.loads(path.read_text()).get("settings") == json.loads(json.dumps(settings, default=str))
+    except json.JSONDecodeError:
+        return False
+
+
+def load_before(out: Path) -> dict:
+    return json.loads((Path(out) / "runs" / "before.json").read_text())["before"]
+
+
+def summarise(records: list[RunRecord], before: dict) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """``(final, dose)`` tables: per data set, mode and harmful set, the mean R_h over seeds and
+    requests with its 95% interval; ``dose`` also per step (step 0 is the model before)."""
+    final_rows, dose_rows = [], []
+    groups: dict[tuple[str, str], list[RunRecord]] = {}
+    for r in records:
+        groups.setdefault((r.data, r.mode), []).append(r)
+    for (data_name, mode), runs in groups.items():
+        for name in HARMFUL_SETS:
+            stat = seeds_interval([r.final[name] for r in runs])
+            final_rows.append({"data": data_name, "mode": mode, "set": name, "lr": runs[0].lr,
+                               "R_h": stat["mean"], "lo": stat["lo"], "hi": stat["hi"], "seeds": stat["n_seeds"],
+                               "n": stat["n_requests"], "per_seed": stat["per_seed"],
+                               "rouge_l": sum(r.quality["rouge_l"] for r in runs) / len(runs),
+                               "completion_loss": sum(r.quality["completion_loss"] for r in runs) / len(runs)})
+            steps = sorted({int(s) for r in runs for s in r.dose})
+            curve = [(0, [before["dose"][name]])] + [(s, [r.dose[str(s)][name] for r in runs]) for s in steps]
+            for step, flags in curve:
+                stat = seeds_interval(flags)
+                dose_rows.append({"data": data_name, "mode": mode, "set": name, "step": step,
+                                  "R_h": stat["mean"], "lo": stat["lo"], "hi": stat["hi"]})
+    return pd.DataFrame(final_rows), pd.DataFrame(dose_rows)
+
+
+def audit_table(records: list[RunRecord], before: dict) -> pd.DataFrame:
+    """Per data set and mode (mean over seeds): R_o on the D_o subset and the paired gap per layer."""
+    rows = []
+    if before.get("audit"):
+        rows.append({"data": "-", "mode": "before", "R_o": before["audit"]["R_o"]["k"], "n": before["audit"]["R_o"]["n"],
+                     **{f"gap_{i}": g for i, g in enumerate(before["audit"]["gap"])}})
+    groups: dict[tuple[str, str], list[RunRecord]] = {}
+    for r in records:
+        if r.audit:
+            groups.setdefault((r.data, r.mode), []).append(r)
+    for (data_name, mode), runs in groups.items():
+        n_layers = len(runs[0].audit["gap"])
+        rows.append({"data": data_name, "mode": mode,
+                     "R_o": sum(r.audit["R_o"]["k"] for r in runs) / len(runs), "n": runs[0].audit["R_o"]["n"],
+                     **{f"gap_{i}": sum(r.audit["gap"][i] for r in runs) / len(runs) for i in range(n_layers)}})
+    return pd.DataFrame(rows)

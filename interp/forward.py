@@ -1,0 +1,227 @@
+"""Forward-pass plumbing shared by capture, generation, R_o and patching.
+
+- **Tokens.**  ``PromptBatches`` tokenises a prompt list once (``LoadedModel.token_rows``),
+  finds the token prefix every prompt shares (a chat template's system turn, the Alpaca
+  preamble: about 26 of a SmolLM2 chat prompt's ~35 tokens), and cuts the rest into
+  length-sorted, padded batches, remembering each row's place in the caller's order.
+- **The shared prefix.**  ``prefix_cache`` runs that prefix once (one sequence, under whatever
+  hooks are active) and ``broadcast_cache`` hands its keys and values to every row of a batch as
+  views, so a batch's prefill runs only the tokens that differ.
+- **Positions.**  Position ids are counted over real tokens only (``cumsum(mask) - 1``), as
+  ``generate`` counts them, so padding never shifts a prompt, on either side.
+- **Partial forwards.**  ``run_decoder`` calls the decoder stack (no LM head) with a prefix cache;
+  ``capture_hooks`` records hook values and stops the forward once the deepest needed hook has
+  fired (``StopForward``); ``resume_from_layer`` runs only layers ``start..L-1`` on a residual
+  stream captured at ``blocks.{start}.hook_resid_pre`` (the decoder's layer list is cut for the
+  call, so the model's own forward still builds the masks and rotary embeddings; TransformerLens's
+  ``forward(start_at_layer=k)`` would still execute blocks ``0..k-1``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+
+class StopForward(Exception):
+    """Raised by a hook once everything needed has been recorded, to skip the rest."""
+
+
+def last_token_index(attention_mask: Int[Tensor, "batch pos"]) -> Int[Tensor, "batch"]:
+    """Position of each row's last real token, whichever side was padded."""
+    if (attention_mask.sum(-1) == 0).any():
+        raise ValueError("a prompt in the batch has no tokens at all")
+    positions = torch.arange(attention_mask.shape[-1], device=attention_mask.device)
+    return (attention_mask.long() * positions).argmax(-1)
+
+
+def position_ids(attention_mask: Int[Tensor, "batch pos"]) -> Int[Tensor, "batch pos"]:
+    """Positions counted over real tokens only, so padding never shifts a prompt."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def pad_rows(rows: list[Tensor], padding_side: str, pad_id: int) -> tuple[Tensor, Tensor]:
+    """Stack token rows of different lengths into ``(input_ids, attention_mask)``, padded on one side."""
+    if padding_side not in ("left", "right"):
+        raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for b, row in enumerate(rows):
+        cols = slice(width - len(row), width) if padding_side == "left" else slice(0, len(row))
+        ids[b, cols] = row
+        mask[b, cols] = 1
+    return ids, mask
+
+
+def common_prefix_length(rows: list[Tensor]) -> int:
+    """Length of the token prefix all rows share, leaving every row at least its last token."""
+    shortest = min(len(r) for r in rows)
+    first = rows[0]
+    length = shortest - 1
+    for row in rows[1:]:
+        differs = (row[:length] != first[:length]).nonzero()
+        if len(differs):
+            length = int(differs[0])
+    return max(length, 0)
+
+
+@dataclass
+class Batch:
+    """One padded batch of prompt suffixes: ``index`` maps its rows to the caller's order;
+    ``mask`` covers the shared prefix as well (``[batch, prefix + suffix]``)."""
+
+    index: list[int]
+    ids: Int[Tensor, "batch suffix"]
+    mask: Int[Tensor, "batch prefix_plus_suffix"]
+
+
+@dataclass
+class PromptBatches:
+    """Prompts tokenised once: the shared prefix and length-sorted suffix batches."""
+
+    prefix_ids: Int[Tensor, "prefix"]
+    batches: list[Batch]
+    n_prompts: int
+    lengths: list[int]
+
+    @classmethod
+    def build(cls, model, queries, *, template=None, batch_size: int = 64, share_prefix: bool = True,
+              padding_side: str = "left") -> "PromptBatches":
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        queries = list(queries)
+        if not queries:
+            raise ValueError("no queries")
+        rows = model.token_rows(queries, template)
+        n_prefix = common_prefix_length(rows) if share_prefix else 0
+        order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
+        batches = []
+        for b in range(0, len(order), batch_size):
+            index = order[b:b + batch_size]
+            ids, mask = pad_rows([rows[i][n_prefix:] for i in index], padding_side, model.pad_token_id)
+            full_mask = torch.cat([torch.ones(len(index), n_prefix, dtype=mask.dtype), mask], dim=1)
+            batches.append(Batch(index, ids.to(model.device), full_mask.to(model.device)))
+        return cls(rows[0][:n_prefix], batches, len(rows), [len(r) for r in rows])
+
+    @property
+    def n_prefix(self) -> int:
+        return len(self.prefix_ids)
+
+
+@torch.no_grad()
+def prefix_cache(model, prefix_ids: Int[Tensor, "pos"]) -> list[tuple[Tensor, Tensor]] | None:
+    """Every layer's keys and values for the shared prefix (one sequence), under whatever hooks
+    are active; ``None`` for an empty prefix."""
+    if len(prefix_ids) == 0:
+        return None
+    out = model.decoder()(input_ids=prefix_ids[None].to(model.device), use_cache=True)
+    return [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+
+
+def broadcast_cache(model, kv: list[tuple[Tensor, Tensor]] | None, batch: int):
+    """A fresh ``DynamicCache`` holding the prefix for each of ``batch`` rows (views, no copies;
+    the model's updates concatenate into new tensors, so ``kv`` is never modified)."""
+    if kv is None:
+        return None
+    from transformers import DynamicCache
+
+    shared = [(k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1)) for k, v in kv]
+    return DynamicCache(shared, config=model.config)
+
+
+def decoder_kwargs(model, ids: Tensor, full_mask: Tensor, kv=None) -> dict:
+    """Arguments for the decoder on ``ids`` (the tokens after a prefix of
+    ``full_mask.shape[1] - ids.shape[1]`` positions whose cache is ``kv``)."""
+    n_prefix = full_mask.shape[1] - ids.shape[1]
+    return dict(
+        input_ids=ids,
+        attention_mask=full_mask,
+        position_ids=position_ids(full_mask)[:, n_prefix:],
+        past_key_values=broadcast_cache(model, kv, ids.shape[0]),
+        use_cache=kv is not None,
+    )
+
+
+@torch.no_grad()
+def run_decoder(model, ids: Tensor, full_mask: Tensor, kv=None, use_cache: bool | None = None):
+    """The decoder stack (no LM head) on one batch after a prefix; returns the HF output."""
+    kwargs = decoder_kwargs(model, ids, full_mask, kv)
+    if use_cache is not None:
+        kwargs["use_cache"] = use_cache
+    return model.decoder()(**kwargs)
+
+
+@torch.no_grad()
+def capture_hooks(
+    model,
+    ids: Tensor,
+    full_mask: Tensor,
+    reads: dict[str, Callable[[Tensor], Tensor]],
+    kv=None,
+    stop: bool = True,
+) -> dict[str, Tensor]:
+    """Run one batch and return ``{hook_name: read(value)}`` for each bridge hook in ``reads``
+    (``read`` picks what to keep, e.g. the last position).  With ``stop`` the forward is cut as
+    soon as every hook has fired."""
+    found: dict[str, Tensor] = {}
+
+    def make(name, read):
+        def hook(value, hook):
+            found[name] = read(value).detach()
+            if stop and len(found) == len(reads):
+                raise StopForward
+            return value
+
+        return hook
+
+    try:
+        with model.bridge.hooks(fwd_hooks=[(name, make(name, read)) for name, read in reads.items()]):
+            run_decoder(model, ids, full_mask, kv)
+    except StopForward:
+        pass
+    missing = [name for name in reads if name not in found]
+    if missing:
+        raise RuntimeError(f"hooks {missing} never fired; is this a decoder-only model?")
+    return found
+
+
+@contextmanager
+def layers_from(model, start: int) -> Iterator[None]:
+    """Temporarily make the decoder's layer list ``layers[start:]`` (restored on exit)."""
+    decoder = model.decoder()
+    original = decoder.layers
+    decoder.layers = torch.nn.ModuleList(list(original)[start:])
+    try:
+        yield
+    finally:
+        decoder.layers = original
+
+
+@torch.no_grad()
+def resume_from_layer(model, resid_pre: Tensor, ids: Tensor, full_mask: Tensor, start: int, kv=None,
+                      use_cache: bool = False):
+    """Run layers ``start..L-1`` on ``resid_pre`` (the residual entering layer ``start`` at every
+    position of ``ids``) and return the decoder output (``last_hidden_state`` has the final norm
+    applied).  Hooks on the bridge fire as usual."""
+
+    def inject(resid, hook):
+        if resid.shape != resid_pre.shape:
+            raise RuntimeError(f"cached residual {tuple(resid_pre.shape)} does not fit {tuple(resid.shape)}")
+        return resid_pre.to(resid.dtype)
+
+    kwargs = decoder_kwargs(model, ids, full_mask, kv)
+    kwargs["use_cache"] = use_cache or kv is not None
+    with layers_from(model, start), model.bridge.hooks(fwd_hooks=[(f"blocks.{start}.hook_resid_pre", inject)]):
+        return model.decoder()(**kwargs)
+
+
+@torch.no_grad()
+def last_logits(model, hidden: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch vocab"]:
+    """Next-token logits at the last position of a decoder output's hidden states."""
+    return model.hf_model.lm_head(hidden[:, -1])

@@ -1,0 +1,72 @@
+"""Uncertainty of rates: with 100 requests a rate has a 95% interval of about ±9 points, so
+every rate the toolkit reports comes with one.
+
+- ``wilson(k, n)``: the Wilson score interval of a binomial proportion (one model, one set);
+- ``seeds_interval(values, n)``: for a rate measured on the same ``n`` requests in several
+  training seeds, the mean and a 95% interval from a two-level bootstrap (resample seeds, then
+  requests within each seed), so both sources of variation count;
+- ``Rate``: a count with its interval, as a dataclass with ``to_dict``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+Z95 = 1.959963984540054
+
+
+def wilson(k: int, n: int, z: float = Z95) -> tuple[float, float]:
+    """Wilson score interval for ``k`` successes in ``n`` trials (``(nan, nan)`` for n = 0)."""
+    if n == 0:
+        return float("nan"), float("nan")
+    if not 0 <= k <= n:
+        raise ValueError(f"need 0 <= k <= n, got k={k}, n={n}")
+    p = k / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+@dataclass(frozen=True)
+class Rate:
+    """``k`` of ``n``, with its 95% Wilson interval."""
+
+    k: int
+    n: int
+
+    @property
+    def rate(self) -> float:
+        return self.k / self.n if self.n else float("nan")
+
+    @property
+    def interval(self) -> tuple[float, float]:
+        return wilson(self.k, self.n)
+
+    def to_dict(self) -> dict:
+        lo, hi = self.interval
+        return {"k": self.k, "n": self.n, "rate": self.rate, "lo": lo, "hi": hi}
+
+    def __str__(self) -> str:
+        lo, hi = self.interval
+        return f"{self.k}/{self.n} ({self.rate:.1%}, 95% CI {lo:.1%}-{hi:.1%})"
+
+
+def seeds_interval(flags, n_boot: int = 2000, seed: int = 0, ci: float = 0.95) -> dict:
+    """Mean rate and a percentile interval over seeds and requests: ``flags`` is
+    ``[n_seeds, n_requests]`` (0/1 per request per training seed).  Each replicate draws seeds
+    with replacement, then requests with replacement within each drawn seed."""
+    flags = np.asarray(flags, dtype=float)
+    if flags.ndim != 2 or flags.size == 0:
+        raise ValueError(f"flags must be [seeds, requests], got shape {flags.shape}")
+    rng = np.random.default_rng(seed)
+    n_seeds, n_req = flags.shape
+    seed_draws = rng.integers(0, n_seeds, size=(n_boot, n_seeds))
+    req_draws = rng.integers(0, n_req, size=(n_boot, n_seeds, n_req))
+    boots = flags[seed_draws[..., None], req_draws].mean(axis=(1, 2))
+    lo, hi = np.quantile(boots, [(1 - ci) / 2, 1 - (1 - ci) / 2])
+    return {"mean": float(flags.mean()), "lo": float(lo), "hi": float(hi), "n_seeds": n_seeds, "n_requests": n_req,
+            "per_seed": [float(v) for v in flags.mean(axis=1)]}

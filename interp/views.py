@@ -1,0 +1,183 @@
+"""Token-level views: per-token "refusal direction" scores, and circuitsvis views that render
+offline.
+
+Refusal direction (not in the paper, which has no probing; a standard difference-in-means
+direction, cf. Arditi et al. 2024; ``interp.direction`` computes it per layer).
+``refusal_direction`` is the unit vector along ``mean(malicious) - mean(normal)`` of the
+last-token residual ``blocks.{layer}.hook_resid_post``.  ``token_refusal_scores`` projects every
+position's residual at that layer onto it, optionally minus the midpoint of the two means so that
+0 is the boundary between the groups.
+
+circuitsvis views, offline.  circuitsvis builds two HTML strings for every view: one that
+imports its JS bundle from unpkg (``str(view)``, ``view.show_code()``) and one that inlines the
+bundle shipped in the wheel (``circuitsvis/dist/cdn/iife.js``, ~1.3 MB; no further network
+requests).  Its own ``_repr_html_`` picks the inline one only after a 1 s probe of google.com
+fails.  The views here return an ``OfflineHTML`` (a ``RenderedHTML`` subclass) that always uses
+the inline bundle when ``offline=True`` (the default), in notebooks and in ``str()`` alike, and
+``save_html`` writes a self-contained page.  Each inline view weighs ~1.3 MB, so keep a
+notebook's views few, or store it without outputs.  Where JavaScript does not run (GitHub's
+notebook preview, nbconvert to PDF) the views are blank: the matplotlib heatmap
+(``interp.attention.plot_attention_heatmap``) and ``plot_token_scores`` are the static fallback.
+"""
+
+from __future__ import annotations
+
+import html
+from pathlib import Path
+
+import torch
+from circuitsvis.attention import attention_heads
+from circuitsvis.tokens import colored_tokens
+from circuitsvis.utils.render import RenderedHTML
+from jaxtyping import Float
+from torch import Tensor
+
+from interp.attention import _label, attention_patterns, encode_prompt
+from interp.io import atomic_write_text
+from interp.ranges import check_layer
+
+RESID_HOOK = "blocks.{layer}.hook_resid_post"  # [batch, pos, d_model]
+
+def refusal_direction(
+    model,
+    normal_queries: list[str],
+    malicious_queries: list[str],
+    layer: int,
+    template: str | None = None,
+    batch_size: int = 16,
+    return_midpoint: bool = False,
+):
+    """Unit vector along mean(malicious) - mean(normal) of the last-token ``hook_resid_post`` at
+    ``layer``: ``Float[Tensor, "d_model"]``.  With ``return_midpoint`` also the point halfway
+    between the two means, ``(direction, midpoint)``; pass it as ``center`` to
+    ``token_refusal_scores`` so that a score of 0 is the boundary between the two groups (the raw
+    projection carries a large offset shared by both groups)."""
+    from interp.activations import capture_last_token_resid
+
+    layer = check_layer(layer, model.n_layers)
+    if not normal_queries or not malicious_queries:
+        raise ValueError("refusal_direction needs at least one normal and one malicious query")
+
+    def mean_residual(queries):
+        acts = capture_last_token_resid(
+            model, list(queries), batch_size=batch_size, template=template, layers=[layer], progress=False
+        )
+        return acts[:, 0].mean(0)
+
+    normal_mean, malicious_mean = mean_residual(normal_queries), mean_residual(malicious_queries)
+    difference = malicious_mean - normal_mean
+    norm = difference.norm()
+    if not torch.isfinite(norm) or norm == 0:
+        raise ValueError(f"the two groups have the same mean residual at layer {layer}; no direction")
+    direction = difference / norm
+    if return_midpoint:
+        return direction, (normal_mean + malicious_mean) / 2
+    return direction
+
+
+def token_refusal_scores(
+    model,
+    query: str,
+    direction: Float[Tensor, "d_model"],
+    layer: int,
+    template: str | None = None,
+    center: Float[Tensor, "d_model"] | None = None,
+) -> Float[Tensor, "pos"]:
+    """Projection of each position's residual (``blocks.{layer}.hook_resid_post``), minus
+    ``center`` if given, onto the unit vector along ``direction``; positions as in
+    ``prompt_tokens(model, query, template)``."""
+    layer = check_layer(layer, model.n_layers)
+    if direction.ndim != 1 or direction.norm() == 0:
+        raise ValueError(f"direction must be a non-zero vector [d_model], got shape {tuple(direction.shape)}")
+    prompt = encode_prompt(model, query, template)
+    name = RESID_HOOK.format(layer=layer)
+    _, cache = model.bridge.run_with_cache(prompt.input_ids, names_filter=lambda n: n == name)
+    resid = cache[name][0].float().cpu()
+    if resid.shape[-1] != direction.shape[0]:
+        raise ValueError(f"direction has {direction.shape[0]} dimensions, the residual {resid.shape[-1]}")
+    if center is not None:
+        resid = resid - center.float().cpu()
+    unit = direction.float().cpu() / direction.float().cpu().norm()
+    return resid @ unit
+
+
+def plot_token_scores(tokens: list[str], scores: Float[Tensor, "pos"], title: str = "", ax=None):
+    """A static bar chart of per-token scores (the fallback where circuitsvis cannot run)."""
+    from matplotlib.figure import Figure
+
+    if len(tokens) != len(scores):
+        raise ValueError(f"{len(tokens)} tokens but {len(scores)} scores")
+    fig = None
+    if ax is None:
+        fig = Figure(figsize=(1 + 0.3 * len(tokens), 2.5), layout="constrained")
+        ax = fig.subplots()
+    values = scores.float().cpu().numpy()
+    ax.bar(range(len(tokens)), values, color=["tab:red" if v > 0 else "tab:blue" for v in values])
+    ax.set_xticks(range(len(tokens)), [_label(t) for t in tokens], rotation=90, fontsize=8)
+    ax.axhline(0, color="black", linewidth=0.5)
+    ax.set_title(title)
+    return fig if fig is not None else ax.figure
+
+
+class OfflineHTML(RenderedHTML):
+    """A circuitsvis view that always shows the JS bundle inlined from the wheel when
+    ``offline`` is set (in notebooks and in ``str()``), and the unpkg one otherwise."""
+
+    def __init__(self, local_src: str, cdn_src: str, offline: bool = True):
+        super().__init__(local_src, cdn_src)
+        self.offline = offline
+
+    def _repr_html_(self) -> str:
+        return self.local_src if self.offline else self.cdn_src
+
+    def __str__(self) -> str:
+        return self._repr_html_()
+
+
+def offline_html(rendered: RenderedHTML, offline: bool = True) -> OfflineHTML:
+    """Wrap a circuitsvis ``RenderedHTML`` so it uses the inline bundle (``offline``) or the CDN."""
+    return OfflineHTML(rendered.local_src, rendered.cdn_src, offline)
+
+
+def circuitsvis_attention(
+    model, query: str, layer: int, template: str | None = None, offline: bool = True
+) -> OfflineHTML:
+    """circuitsvis ``attention_heads`` view of every head of one layer over the prompt's tokens."""
+    layer = check_layer(layer, model.n_layers)
+    prompt = encode_prompt(model, query, template)
+    pattern = attention_patterns(model, prompt.input_ids, [layer])[0]
+    names = [f"L{layer}H{h}" for h in range(pattern.shape[0])]
+    view = attention_heads(attention=pattern, tokens=prompt.tokens, attention_head_names=names, mask_upper_tri=True)
+    return offline_html(view, offline)
+
+
+def colored_token_scores(
+    tokens: list[str], scores: Float[Tensor, "pos"], max_abs: float | None = None, offline: bool = True
+) -> OfflineHTML:
+    """circuitsvis ``colored_tokens``: red for positive scores, blue for negative (circuitsvis's
+    default is the reverse), on a scale
+    symmetric about zero (``max_abs``, default the largest |score|) so views can share one scale."""
+    if len(tokens) != len(scores):
+        raise ValueError(f"{len(tokens)} tokens but {len(scores)} scores")
+    values = scores.float().cpu()
+    bound = float(max_abs if max_abs is not None else values.abs().max().clamp_min(1e-12))
+    view = colored_tokens(
+        tokens=list(tokens), values=values, min_value=-bound, max_value=bound,
+        negative_color="blue", positive_color="red",
+    )
+    return offline_html(view, offline)
+
+
+def save_html(rendered, path: str | Path, title: str = "circuitsvis view", offline: bool = True) -> Path:
+    """Write a view (a circuitsvis ``RenderedHTML`` or an HTML string) as a standalone page.
+    With ``offline`` the JS bundle is inlined, so the page needs no network."""
+    if isinstance(rendered, str):
+        body = rendered
+    else:
+        body = rendered.local_src if offline else rendered.cdn_src
+    page = (
+        "<!DOCTYPE html>\n<html>\n<head>\n<meta charset=\"utf-8\">\n"
+        f"<title>{html.escape(title)}</title>\n</head>\n<body>\n{body}\n</body>\n</html>\n"
+    )
+    return atomic_write_text(path, page)
+
