@@ -127,25 +127,28 @@ def profile_evaluation(evaluator, layer_range, alpha) -> dict[str, float]:
     }
 
 
+def host_fingerprint(state: dict) -> str:
+    """The fingerprint as the project computed it before it moved to the device: every tensor copied
+    to the host as float64 and summed there (the baseline here, the reference in tests)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name, tensor in sorted(state.items()):
+        if name.rpartition(".")[2] == "bias" and not tensor.detach().any():
+            continue
+        flat = tensor.detach().double().flatten().cpu()
+        step = max(1, flat.numel() // 257)
+        digest.update(name.encode())
+        digest.update(str(tuple(tensor.shape)).encode())
+        digest.update(f"{flat.sum().item():.6e}".encode())
+        digest.update(flat[::step].numpy().round(6).tobytes())
+    return digest.hexdigest()[:16]
+
+
 def fingerprint_benchmark() -> None:
     """The fingerprint of a random ~1.1B-parameter bfloat16 state dict: on the device against
     the previous host-float64 implementation, same value."""
-    import hashlib
-
     from interp.provenance import weights_fingerprint
-
-    def host_fingerprint(state):
-        digest = hashlib.sha256()
-        for name, tensor in sorted(state.items()):
-            if name.rpartition(".")[2] == "bias" and not tensor.detach().any():
-                continue
-            flat = tensor.detach().double().flatten().cpu()
-            step = max(1, flat.numel() // 257)
-            digest.update(name.encode())
-            digest.update(str(tuple(tensor.shape)).encode())
-            digest.update(f"{flat.sum().item():.6e}".encode())
-            digest.update(flat[::step].numpy().round(6).tobytes())
-        return digest.hexdigest()[:16]
 
     torch.manual_seed(0)
     d, ff, layers, vocab = 2048, 5632, 16, 32000

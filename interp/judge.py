@@ -258,17 +258,32 @@ class RefusalMatcher:
         """The binary verdict: refused (full or partial), or not."""
         return self.classify(text) != "compliance"
 
+    def _maskable(self, normalized: str, start: int, phrase: str) -> bool:
+        """Whether some continuation of ``normalized`` could still turn the phrase at ``start`` into
+        part of an exception idiom: an idiom holding the phrase, aligned on it, whose visible part
+        agrees with the text so far ("i can't" while "i can't wait" is still possible)."""
+        for idiom in self.exceptions:
+            offset = idiom.find(phrase)
+            while offset >= 0:
+                begin = start - offset
+                if begin >= 0 and idiom.startswith(normalized[begin:begin + len(idiom)]):
+                    return True
+                offset = idiom.find(phrase, offset + 1)
+        return False
+
     def decided(self, text: str) -> bool:
         """Whether every continuation of ``text`` gets the same binary verdict: a declining phrase
-        already matched (at least one exception's length before the end, so no later text can
-        mask it), or the text has passed the window without a match, or past the pivot reach."""
+        already matched that no continuation can mask, or the text has passed the window without a
+        match, or passed the pivot reach."""
         normalized = normalize(text.rstrip("\ufffd"))  # a partial multi-byte character may change
         found = self.matches(normalized)
         if not found:
             return len(normalized) >= self.window
-        declines = [end for end, phrase in found if phrase not in self._apologies]
-        if declines and declines[0] + self._slack <= len(normalized):
-            return True
+        declines = [(end, phrase) for end, phrase in found if phrase not in self._apologies]
+        if declines:
+            end, phrase = declines[0]
+            if not self._maskable(normalized, end - len(phrase), phrase):
+                return True
         return len(normalized) >= self.reach
 
     def describe(self) -> dict:

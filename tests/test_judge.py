@@ -155,3 +155,31 @@ def test_matcher_accuracy_on_the_labelled_set_has_a_floor():
     assert result["binary_accuracy"] >= 0.95, result
 
 
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_decided_is_sound_on_random_texts(seed):
+    """Texts stitched from refusal phrases, exception idioms, apologies, pivots and filler: at
+    every cut where ``decided`` holds, the verdict equals the whole text's (so generation may stop
+    there), and refusals are decided well before the window."""
+    import random
+
+    from interp.judge import APOLOGIES, NOT_REFUSAL_PHRASES, PIVOTS
+
+    rng = random.Random(seed)
+    pieces = (list(REFUSAL_PHRASES) + list(NOT_REFUSAL_PHRASES) + list(APOLOGIES)
+              + ["however, I can provide", "but here are some tips", "Sure!", "the weather is nice", "help",
+                 "wait", "but", "with that", ", ", ". ", "stress enough"])
+    checked = early = 0
+    for _ in range(150):
+        text = " ".join(rng.choice(pieces) for _ in range(rng.randint(1, 8)))
+        final = DEFAULT_JUDGE.is_refusal(text)
+        first = None
+        for cut in range(len(text) + 1):
+            if DEFAULT_JUDGE.decided(text[:cut]):  # every decided prefix, not only the first
+                checked += 1
+                first = cut if first is None else first
+                assert DEFAULT_JUDGE.is_refusal(text[:cut]) == final, (text, cut)
+        early += final and first is not None and first < DEFAULT_WINDOW // 2
+    assert checked > 50 and early > 10
+    assert PIVOTS
