@@ -106,7 +106,11 @@ def parse_args(argv=None):
     parser.add_argument("--batch-size", type=positive_int, default=None, help="default: from free memory")
     parser.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
     parser.add_argument("--out", type=Path, default=Path("results/locate"))
+    parser.add_argument("--ship", action="store_true",
+                        help="also copy located.json beside the shipped aligned adapter (interp.shipped_located)")
     args = parser.parse_args(argv)
+    if args.ship and args.model != "embedded":
+        raise UsageError("--ship is for the shipped aligned model (--model embedded) only")
     args.components = parse_components(args.components)
     args.upper = parse_offsets(args.upper_offsets)
     args.lower = parse_offsets(args.lower_offsets)
@@ -153,6 +157,12 @@ def main(argv=None) -> LocateRun:
         alpha_rule=alpha_rule,
     )
     written = write_outputs(args.out, run, model, queries, args)
+    if args.ship:
+        import shutil
+
+        from interp.models import aligned_adapter_dir
+
+        written.append(Path(shutil.copyfile(args.out / "located.json", aligned_adapter_dir() / "located.json")))
     print(f"{args.model}: {len(queries)} {DATASET} prompts, template {model.template}, components "
           f"{','.join(args.components)}, R_o by {run.method_name}: {run.n_generated} configurations generated, "
           f"{run.n_pruned} pruned (margin {run.prune_margin}), {run.cache_hits} from the cache, {run.seconds:.0f} s")

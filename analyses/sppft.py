@@ -78,7 +78,7 @@ def study_config(args) -> StudyConfig:
     config = StudyConfig(data=args.data, modes=args.modes, seeds=args.seeds, steps=args.steps, eval_steps=args.eval_steps,
                          lr=args.lr, batch_size=args.batch_size, train_size=args.train_size, dose_limit=args.dose_limit,
                          final_limit=args.final_limit, template=args.template, audit=not args.no_audit,
-                         quality=args.quality, reverse_control=args.reverse_control)
+                         quality=args.quality, reverse_control=args.reverse_control, device=args.device)
     return config.with_paper_settings() if args.paper_settings else config
 
 

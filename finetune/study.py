@@ -71,6 +71,7 @@ class StudyConfig:
     audit: bool = True
     audit_ro: int = 128
     quality: int = 60
+    device: str | None = None
 
     def with_paper_settings(self) -> "StudyConfig":
         """The official code's setup (module docstring)."""
@@ -173,7 +174,7 @@ def run_one(spec: str, safety, data_name: str, mode: str, seed: int, config: Stu
     from finetune import masks as M
     from interp.models import load_model
 
-    model = load_model(spec, device="cpu", template=config.template, bridge=False)
+    model = load_model(spec, device=config.device, template=config.template, bridge=False)
     train_mode, layers, element_masks, frozen = frozen_setup(model, mode, safety, config,
                                                              M.ablation_range(safety, model.n_layers))
     record = RunRecord(data_name, mode, seed, config.lr_for(mode), frozen)
@@ -202,7 +203,7 @@ def run_study(spec: str, safety, config: StudyConfig, out: Path, log=print) -> l
     from interp.models import load_model
 
     out = Path(out)
-    base = load_model(spec, device="cpu", template=config.template, bridge=False)
+    base = load_model(spec, device=config.device, template=config.template, bridge=False)
     pairs = {"train": D.benign_pairs(base, "train", limit=config.train_size, max_new_tokens=96)}
     pairs["quality"] = D.benign_pairs(base, "test", limit=config.quality, max_new_tokens=96)
     settings = {"spec": spec, "fingerprint": base.fingerprint(), "safety": str(safety), "config": asdict(config),

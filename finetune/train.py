@@ -299,6 +299,12 @@ def train(
     from finetune.data import tokenize
 
     config = config or TrainConfig()
+    if model.has_bridge and model.arch.fused_blocks:
+        raise ValueError(
+            f"{model.arch.family}: TransformerLens's bridge computes with copies split off the fused "
+            f"{', '.join(model.arch.fused_blocks)} weights, so the model's own parameters would get no gradient; "
+            "fine-tune the plain model: load it with load_model(..., bridge=False)"
+        )
     out_dir = Path(out_dir)
     frozen_range = mask_range(model, mode, layers, ablation_layers)
     if isinstance(dataset, list):

@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
+import torch
+
 from interp.io import atomic_write_json
 from interp.provenance import versions
 from interp.ranges import LayerRange, LayerRangeError
@@ -65,10 +67,10 @@ class LocatedRange:
         return self.record["model"]["fingerprint"]
 
 
-def _fingerprint(model) -> str:
+def _fingerprint(model, cast=None) -> str:
     from interp.provenance import weights_fingerprint
 
-    return weights_fingerprint(model)
+    return weights_fingerprint(model, cast)
 
 
 def _n_layers(model) -> int:
@@ -101,7 +103,8 @@ def located_record(
         "schema_version": SCHEMA_VERSION,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "model": {"spec": str(getattr(model, "spec", type(model).__name__)),
-                  "fingerprint": _fingerprint(model), "n_layers": _n_layers(model)},
+                  "fingerprint": _fingerprint(model), "fingerprint_bf16": _fingerprint(model, torch.bfloat16),
+                  "n_layers": _n_layers(model)},
         "range": {"start": result.range.start, "end": result.range.end},
         "alpha": float(result.alpha),
         "direction": result.direction,
@@ -223,7 +226,10 @@ def load_located(path: str | Path, model=None) -> LocatedRange:
                                     f"this one has {n_layers}")
         located.range.check(n_layers)
         fingerprint = _fingerprint(model)
-        if fingerprint != record["model"]["fingerprint"]:
+        if fingerprint != record["model"]["fingerprint"] and not (  # the same weights in another dtype?
+            "fingerprint_bf16" in record["model"]
+            and _fingerprint(model, torch.bfloat16) == record["model"]["fingerprint_bf16"]
+        ):
             raise LocatedRangeError(
                 f"{path} was made for other weights ({record['model']['spec']}, fingerprint "
                 f"{record['model']['fingerprint']}) than this model (fingerprint {fingerprint}); "

@@ -3,7 +3,9 @@
 - **Tokens.**  ``PromptBatches`` tokenises a prompt list once (``LoadedModel.token_rows``),
   finds the token prefix every prompt shares (a chat template's system turn, the Alpaca
   preamble: about 26 of a SmolLM2 chat prompt's ~35 tokens), and cuts the rest into
-  length-sorted, padded batches, remembering each row's place in the caller's order.
+  length-sorted, padded batches, remembering each row's place in the caller's order.  (Not on a
+  sliding-window model with left padding, e.g. Mistral or Gemma-2: the padding would sit between
+  prefix and suffix and take window slots.)
 - **The shared prefix.**  ``prefix_cache`` runs that prefix once (one sequence, under whatever
   hooks are active) and ``broadcast_cache`` hands its keys and values to every row of a batch as
   views, so a batch's prefill runs only the tokens that differ.
@@ -99,6 +101,8 @@ class PromptBatches:
         if not queries:
             raise ValueError("no queries")
         rows = model.token_rows(queries, template)
+        if padding_side == "left" and getattr(model.config, "sliding_window", None):
+            share_prefix = False  # padding between prefix and suffix would take sliding-window slots
         n_prefix = common_prefix_length(rows) if share_prefix else 0
         order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
         batches = []
@@ -191,12 +195,21 @@ def capture_hooks(
     return found
 
 
+class _Skip(torch.nn.Module):
+    """A decoder layer that does nothing (stands in for a layer ``layers_from`` skips)."""
+
+    def forward(self, hidden_states, *args, **kwargs):
+        return hidden_states
+
+
 @contextmanager
 def layers_from(model, start: int) -> Iterator[None]:
-    """Temporarily make the decoder's layer list ``layers[start:]`` (restored on exit)."""
+    """Temporarily replace the decoder's layers below ``start`` with pass-throughs (restored on
+    exit).  The list keeps its length, so a model that picks each layer's attention mask by its
+    index (Gemma-2, Qwen2: ``config.layer_types[i]``) still gives layer ``i`` its own mask."""
     decoder = model.decoder()
     original = decoder.layers
-    decoder.layers = torch.nn.ModuleList(list(original)[start:])
+    decoder.layers = torch.nn.ModuleList([_Skip() for _ in range(start)] + list(original)[start:])
     try:
         yield
     finally:

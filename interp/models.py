@@ -105,6 +105,7 @@ class LoadedModel:
     hf_parameters: dict[str, torch.nn.Parameter] = field(init=False, repr=False)
     """The model's own parameters under their HF names, recorded before any bridge wraps them
     (tied weights under every name they have)."""
+    hf_modules: dict[str, torch.nn.Module] = field(init=False, repr=False)
     _bridge: object = field(default=None, init=False, repr=False)
 
     def __post_init__(self):
@@ -114,6 +115,7 @@ class LoadedModel:
         if any("_original_component" in n for n, _ in self.hf_model.named_parameters()):
             raise ValueError("LoadedModel needs the HF model before a TransformerBridge wraps it")
         self.hf_parameters = dict(self.hf_model.named_parameters(remove_duplicate=False))
+        self.hf_modules = dict(self.hf_model.named_modules())  # by HF path, for offloaded values
         self._hf_buffers = {
             n: b for n, b in self.hf_model.named_buffers(remove_duplicate=False) if _persistent(self.hf_model, n)
         }
@@ -167,13 +169,29 @@ class LoadedModel:
         """The decoder stack without the LM head (the bridge's block hooks fire inside it)."""
         return self.hf_model.get_decoder()
 
+    def parameter_value(self, name: str) -> Tensor:
+        """A parameter's values by HF name, also for a layer offloaded by accelerate (whose
+        parameter is a meta tensor outside its forward): read from the offload hook's weights map."""
+        param = self.hf_parameters[name]
+        if not param.is_meta:
+            return param.detach()
+        owner = name
+        while "." in owner:
+            owner = owner.rpartition(".")[0]
+            hook = getattr(self.hf_modules.get(owner), "_hf_hook", None)
+            weights = getattr(hook, "weights_map", None)
+            if weights is not None:
+                return weights[name[len(owner) + 1:]].to(hook.execution_device)
+        raise ValueError(f"{name} is on the meta device and no offload hook holds its values")
+
     def hf_state_dict(self) -> dict[str, Tensor]:
         """Parameters and persistent buffers under their HF names, as ``save_pretrained`` would
         name them (tied weights under each name)."""
         return {**self.hf_parameters, **self._hf_buffers}
 
-    def fingerprint(self) -> str:
-        return weights_fingerprint(self.hf_state_dict())
+    def fingerprint(self, cast: torch.dtype | None = None) -> str:
+        """``interp.provenance.weights_fingerprint`` of the HF state dict (``cast``: rounded first)."""
+        return weights_fingerprint(self.hf_state_dict(), cast)
 
     def save_pretrained(self, folder: str | Path) -> Path:
         """Write a plain HF checkpoint (``interp.checkpoint.save_hf_checkpoint``)."""

@@ -29,6 +29,7 @@ per-prompt verdicts identical to full greedy generation (tested):
 
 from __future__ import annotations
 
+import copy
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -156,7 +157,7 @@ class RoEvaluator:
     @torch.no_grad()
     def _lower_layers(self, batch):
         """The residual entering ``start`` at every suffix position, and layers ``< start``'s
-        keys/values of the suffix tokens; the forward stops at ``start``."""
+        cache (prefix and suffix); the forward stops at ``start``."""
         from transformers import DynamicCache
 
         model, found = self.model, {}
@@ -173,10 +174,8 @@ class RoEvaluator:
                 model.decoder()(**kwargs)
         except StopForward:
             pass
-        n_suffix = batch.ids.shape[1]
-        lower = [(cache.layers[i].keys[..., -n_suffix:, :], cache.layers[i].values[..., -n_suffix:, :])
-                 for i in range(self.start)]
-        return found["resid"], lower
+        # the cache layers themselves (a sliding-window layer keeps its own length bookkeeping)
+        return found["resid"], [copy.copy(cache.layers[i]) for i in range(self.start)]
 
     def check_config(self, layers) -> list[int] | None:
         if layers is None:
@@ -206,9 +205,9 @@ class RoEvaluator:
                 logits_all[torch.tensor(batch.index, device=logits.device)] = logits
                 if not generate:
                     continue
-                cache = out.past_key_values  # layers < start hold the prefix only: append the suffix
-                for i, (keys, values) in enumerate(lower):
-                    cache.layers[i].update(keys, values)
+                cache = out.past_key_values  # layers < start hold the prefix only: put the stored ones in
+                for i, layer in enumerate(lower):
+                    cache.layers[i] = copy.copy(layer)
                 rows = decode_greedy(model, logits, cache, batch.mask, max_new_tokens=self.max_new_tokens,
                                      decided=self.judge.decided)
                 for i, (ids, _) in zip(batch.index, rows):

@@ -41,9 +41,10 @@ def _state(model) -> dict[str, Tensor]:
 
 
 @torch.no_grad()
-def weights_fingerprint(model) -> str:
+def weights_fingerprint(model, cast: torch.dtype | None = None) -> str:
     """The fingerprint (module docstring) of a ``LoadedModel``, an unbridged HF module, or a
-    ``{name: tensor}`` state dict; 16 hex digits."""
+    ``{name: tensor}`` state dict; 16 hex digits.  ``cast``: hash the values rounded to that dtype
+    first (``torch.bfloat16``: the same weights loaded in float32 or bfloat16 agree)."""
     digest = hashlib.sha256()
     for name, tensor in sorted(_state(model).items()):
         if tensor.is_meta:
@@ -51,6 +52,8 @@ def weights_fingerprint(model) -> str:
         if name.rpartition(".")[2] == "bias" and not tensor.any():
             continue
         flat = tensor.detach().reshape(-1)
+        if cast is not None:
+            flat = flat.to(cast)
         step = max(1, flat.numel() // 257)
         total = flat.sum(dtype=torch.float64).item()
         sample = flat[::step].to(torch.float64).cpu().numpy().round(6)

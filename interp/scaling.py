@@ -85,11 +85,10 @@ def check_components(components) -> tuple[str, ...]:
 def projection_bias(model, layer: int, component: str) -> Tensor | None:
     """The bias of a projection (its row block, for a fused one), from the model's own HF
     parameters (``None`` when it has none)."""
-    weight = model.arch.projection_weight(layer, component)
-    bias = model.hf_parameters.get(weight[: -len("weight")] + "bias")
-    if bias is None:
+    name = model.arch.projection_weight(layer, component)[: -len("weight")] + "bias"
+    if name not in model.hf_parameters:
         return None
-    return bias.detach()[model.arch.row_slice(model.config, component)]
+    return model.parameter_value(name)[model.arch.row_slice(model.config, component)]
 
 
 def bias_like(bias: Tensor, out: Tensor) -> Tensor:

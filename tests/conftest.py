@@ -70,3 +70,14 @@ def embedded_base():
 @pytest.fixture(scope="session")
 def embedded():
     return load_model("embedded", device="cpu")
+
+
+def pytest_addoption(parser):
+    """``pytest --model SPEC [--dtype bfloat16] [--device cuda]``: run the hook checks of
+    ``tests/test_user_model.py`` on your own model (default: tiny random models)."""
+    group = parser.getgroup("safety-layers", "hook checks on your own model (tests/test_user_model.py)")
+    group.addoption("--model", action="append", default=None, metavar="SPEC",
+                    help="a load_model spec (repeatable); default: tiny random models")
+    group.addoption("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                    help="dtype for --model (default float32)")
+    group.addoption("--device", default=None, help="device for --model (default: cuda if available, else cpu)")

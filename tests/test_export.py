@@ -145,10 +145,25 @@ def test_finetune_reads_it(written, tiny):
 
 
 def test_the_shipped_located_range_is_for_the_shipped_aligned_model(embedded):
-    """docs/locate/located.json (read by the notebooks and the README) must be the range of the
-    adapter in interp/weights: a new adapter without a new location run fails here."""
+    """The located range beside the shipped adapter (read by the notebooks) and its copy in
+    docs/locate (quoted by the README) must be for the adapter's weights: a new adapter without a
+    new location run fails here."""
     from pathlib import Path
 
-    located = load_located(Path(__file__).resolve().parent.parent / "docs" / "locate" / "located.json", embedded)
+    from interp.export import shipped_located
+
+    located = shipped_located(embedded)  # checks the fingerprint
     assert located.record["model"]["spec"] == "embedded"
-    located.range.check(embedded.n_layers)
+    docs = load_located(Path(__file__).resolve().parent.parent / "docs" / "locate" / "located.json", embedded)
+    assert docs.record == located.record
+
+
+def test_a_range_located_in_float32_is_accepted_for_the_same_weights_in_bfloat16(written, tiny_dir, tiny_bias_dir):
+    import torch
+
+    located_for = load_model(str(tiny_dir), device="cpu", dtype=torch.bfloat16, bridge=False)
+    assert located_for.fingerprint() != json.loads(written.read_text())["model"]["fingerprint"]
+    assert load_located(written, model=located_for).range == LayerRange(1, 2)
+    other = load_model(str(tiny_bias_dir), device="cpu", dtype=torch.bfloat16, bridge=False)
+    with pytest.raises(LocatedRangeError, match="other weights"):
+        load_located(written, model=other)
