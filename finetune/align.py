@@ -23,10 +23,11 @@ benign ones the base answer to a refusal; its LoRA's reference model is the stag
 new adapter disabled).  The shipped adapter is the exact sum of both stages' adapters (PEFT's
 ``add_weighted_adapter(combination_type="cat")``, ranks added).
 
-**Choosing knobs on the validation split only.**  After every epoch of each stage the adapter is
-scored on the validation prompts (paired validation harmful refused, paired validation benign
-answered, borderline validation answered; greedy, the project judge) and the epoch with the
-best mean of the three is kept; the method is the stage whose best epoch scores higher.  Every
+**Choosing knobs on the validation split only.**  After every epoch of the SFT stage and every
+``--dpo-eval-every`` steps of the DPO stage the adapter is scored on the validation prompts (paired
+validation harmful refused, paired validation benign answered, borderline validation answered;
+greedy, the project judge) and the checkpoint with the best mean of the three is kept; the method
+is the stage whose best checkpoint scores higher.  Every
 score is recorded in ``recipe.json`` (``validation``), so the choice can be audited.
 
 Resumable: each stage keeps its per-epoch checkpoints and its record under ``<out>-parts/``
@@ -162,17 +163,27 @@ def validation_scores(model, judge=None, batch_size: int = 64, limit: int | None
     return scores
 
 
-def _validation_callback(model, log: list, limit: int | None = None):
+def _validation_callback(model, log: list, limit: int | None = None, every: int = 0):
+    """Validate after every epoch, or every ``every`` optimizer steps (checkpoints are saved on
+    the same schedule, so any validated point can be shipped)."""
     from transformers import TrainerCallback
+
+    def validate(state, model_in_training):
+        start = time.time()
+        scores = validation_scores(model, limit=limit)
+        log.append({"epoch": round(state.epoch, 2), "step": state.global_step, **scores,
+                    "seconds": round(time.time() - start, 1)})
+        print(f"validation at step {state.global_step} (epoch {state.epoch:.2f}): {scores}", flush=True)
+        model_in_training.train()
 
     class Validate(TrainerCallback):
         def on_epoch_end(self, args, state, control, **kwargs):
-            start = time.time()
-            scores = validation_scores(model, limit=limit)
-            log.append({"epoch": round(state.epoch), "step": state.global_step, **scores,
-                        "seconds": round(time.time() - start, 1)})
-            print(f"validation after epoch {round(state.epoch)}: {scores}", flush=True)
-            kwargs["model"].train()
+            if not every:
+                validate(state, kwargs["model"])
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if every and state.global_step % every == 0:
+                validate(state, kwargs["model"])
 
     return Validate()
 
@@ -190,7 +201,7 @@ def _lora_config(model, rank: int):
 
 
 def _best_epoch(log: list[dict]) -> dict:
-    return max(log, key=lambda row: (row["score"], -row["epoch"]))  # ties: the earlier epoch
+    return max(log, key=lambda row: (row["score"], -row["step"]))  # ties: the earlier checkpoint
 
 
 def sft_stage(model, answers: dict[str, str], args, folder: Path) -> dict:
@@ -255,21 +266,26 @@ def dpo_stage(model, answers: dict[str, str], base_answers: dict[str, str], args
     config = DPOConfig(
         output_dir=str(folder / "checkpoints"), per_device_train_batch_size=4, gradient_accumulation_steps=2,
         num_train_epochs=args.dpo_epochs, learning_rate=args.dpo_lr, beta=args.beta, warmup_steps=5,
-        lr_scheduler_type="cosine", logging_steps=10, save_strategy="epoch", report_to=[], seed=args.seed,
+        lr_scheduler_type="cosine", logging_steps=10, report_to=[], seed=args.seed,
+        save_strategy="steps" if args.dpo_eval_every else "epoch", save_steps=args.dpo_eval_every or 500,
         max_length=192, use_cpu=model.device.type == "cpu", dataloader_num_workers=0,
     )
     torch.manual_seed(args.seed)
     trainer = DPOTrainer(model=model.hf_model, args=config, train_dataset=Dataset.from_list(rows),
                          processing_class=model.tokenizer, peft_config=_lora_config(model, args.rank),
-                         callbacks=[_validation_callback(model, log, args.limit)])
+                         callbacks=[_validation_callback(model, log, args.limit, args.dpo_eval_every)])
     resume = _last_checkpoint(folder / "checkpoints")
     if resume and (folder / "validation.json").is_file():
         log[:] = json.loads((folder / "validation.json").read_text())
     _keep_log(trainer, folder, log)
     trainer.train(resume_from_checkpoint=resume)
+    final = trainer.state.global_step
+    if not log or log[-1]["step"] != final:  # the end of training is a candidate too
+        log.append({"epoch": round(trainer.state.epoch, 2), "step": final, **validation_scores(model, limit=args.limit)})
     best = _best_epoch(log)
-    chosen = folder / "checkpoints" / f"checkpoint-{best['step']}"
-    set_peft_model_state_dict(trainer.model, load_file(chosen / "adapter_model.safetensors"))
+    if best["step"] != final:
+        chosen = folder / "checkpoints" / f"checkpoint-{best['step']}"
+        set_peft_model_state_dict(trainer.model, load_file(chosen / "adapter_model.safetensors"))
     save_adapter_fp16(trainer.model, folder / "adapter")
     trainer.model.unload()
     return {"pairs": len(rows), "validation": log, "chosen_epoch": best["epoch"], "beta": args.beta,
@@ -366,6 +382,8 @@ def main(argv=None):
     parser.add_argument("--dpo-epochs", type=int, default=1)
     parser.add_argument("--dpo-lr", type=float, default=5e-5)
     parser.add_argument("--beta", type=float, default=0.1)
+    parser.add_argument("--dpo-eval-every", type=int, default=26,
+                        help="validate (and checkpoint) the DPO stage every N steps; 0: once per epoch")
     parser.add_argument("--answer-tokens", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--base", default="embedded-base", help="the model to align (a tiny one for tests)")
@@ -391,7 +409,7 @@ def main(argv=None):
         atomic_write_json(parts / "sft" / "record.json", sft)
     stages = {"sft": sft}
     if args.method == "sft+dpo":
-        dpo_settings = {**sft_settings, **{k: getattr(args, k) for k in ("dpo_epochs", "dpo_lr", "beta")}}
+        dpo_settings = {**sft_settings, **{k: getattr(args, k) for k in ("dpo_epochs", "dpo_lr", "beta", "dpo_eval_every")}}
         dpo = _stage_done(parts / "dpo", dpo_settings)
         if dpo is None:
             from peft import PeftModel

@@ -21,16 +21,9 @@ from dataclasses import dataclass
 import torch
 
 from finetune.masks import head_mask, merge_element_masks, neuron_mask
-from interp.estimate import refusal_opening_token_ids
+from interp.estimate import refusal_log_odds, refusal_opening_token_ids
 from interp.forward import PromptBatches, run_decoder
 from interp.judge import DEFAULT_JUDGE
-
-
-def refusal_log_odds(logits: torch.Tensor, opener_ids: torch.Tensor) -> torch.Tensor:
-    """``log p - log(1 - p)`` per row, ``p`` the probability on ``opener_ids``."""
-    logp = logits.float().log_softmax(-1)
-    log_open = logp[:, opener_ids].logsumexp(-1)
-    return log_open - torch.log1p(-log_open.exp().clamp(max=1 - 1e-6))
 
 
 @dataclass

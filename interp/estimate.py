@@ -9,7 +9,8 @@ position puts on those tokens (``mass``) and whether the greedy first token is o
 hard one.  Both over-count ("I" also opens "I'd be happy to ..."), so their agreement with
 generated R_o is *measured* (``agreement``: Pearson r across configurations, per-prompt
 agreement), not assumed.  ``interp.overrejection.RoEvaluator`` computes it (alone, from the
-prefill, or for free beside generation).
+prefill, or for free beside generation).  ``refusal_log_odds`` is the same quantity as a smooth
+score per prompt (activation patching and importance scores use it).
 """
 
 from __future__ import annotations
@@ -68,6 +69,17 @@ class FirstStep:
         """Prompts whose opener mass reaches ``threshold``, plus ``margin``: a bound on generated
         R_o when no prompt below the threshold refuses more than ``margin`` times (measured)."""
         return int((self.mass >= threshold).sum()) + margin
+
+
+def refusal_log_odds(logits: Float[Tensor, "batch vocab"], opener_ids) -> Float[Tensor, "batch"]:
+    """``log p_open - log(1 - p_open)`` of each row, ``p_open`` the softmax mass on
+    ``opener_ids`` (computed as a difference of two log-sum-exps)."""
+    logits = logits.float()
+    is_open = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
+    is_open[torch.as_tensor(opener_ids, device=logits.device)] = True
+    if is_open.all():
+        raise ValueError("every token opens a refusal; the log-odds are undefined")
+    return logits[..., is_open].logsumexp(-1) - logits[..., ~is_open].logsumexp(-1)
 
 
 def pearson(a, b) -> float | None:
