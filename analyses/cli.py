@@ -33,11 +33,13 @@ def known_errors() -> tuple[type[BaseException], ...]:
     from interp.activations import ActivationFileError
     from interp.architectures import UnsupportedArchitectureError
     from interp.cosine import PairSetError
+    from interp.export import LocatedRangeError
     from interp.ranges import LayerRangeError
     from interp.scaling import ScalingError
 
     return (UsageError, DataError, ModelNotFoundError, ModelLoadError, PromptTooLongError, TemplateError,
-            LayerRangeError, ScalingError, PairSetError, ActivationFileError, UnsupportedArchitectureError,
+            LayerRangeError, LocatedRangeError, ScalingError, PairSetError, ActivationFileError,
+            UnsupportedArchitectureError,
             json.JSONDecodeError, FileNotFoundError)
 
 

@@ -7,6 +7,7 @@ sentence frames, and in XSTest's contrasts), and over-refuses benign requests wi
 The sets, the judge and the intervals are ``interp.safety``'s.  Writes ``summary.json`` (model
 and fingerprint, judge, settings, per-set counts per class with 95% intervals, XSTest per type),
 ``summary.csv`` and ``responses.csv`` (set, type, prompt, response, label, refused) under ``--out``.
+``--rejudge FOLDER`` judges an earlier report's responses again with the current judge.
 """
 
 from __future__ import annotations
@@ -26,7 +27,11 @@ def parse_args(argv=None):
     parser.add_argument("--max-new-tokens", type=positive_int, default=32)
     parser.add_argument("--batch-size", type=positive_int, default=64)
     parser.add_argument("--out", type=Path, default=Path("results/safety"))
+    parser.add_argument("--rejudge", type=Path, metavar="FOLDER",
+                        help="judge the responses of an earlier report again (no model, no generation)")
     args = parser.parse_args(argv)
+    if args.rejudge is not None and not (args.rejudge / "responses.csv").is_file():
+        raise UsageError(f"no responses.csv in {args.rejudge}")
     args.sets = [s.strip() for s in args.sets.split(",") if s.strip()]
     unknown = [s for s in args.sets if s not in SAFETY_SETS]
     if unknown or not args.sets:
@@ -58,8 +63,11 @@ def format_table(report: SafetyReport) -> str:
 @main_guard
 def main(argv=None) -> SafetyReport:
     args = parse_args(argv)
-    model = model_from(args)
-    report = safety_report(model, args.sets, args.limit, args.sample, args.max_new_tokens, args.batch_size)
+    if args.rejudge is not None:
+        report = SafetyReport.read(args.rejudge).rejudged()
+    else:
+        report = safety_report(model_from(args), args.sets, args.limit, args.sample, args.max_new_tokens,
+                               args.batch_size)
     written = write_report(args.out, report)
     print(format_table(report))
     print("wrote", ", ".join(str(p) for p in written))

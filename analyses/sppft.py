@@ -85,10 +85,13 @@ def study_config(args) -> StudyConfig:
 @main_guard
 def main(argv=None) -> dict:
     from finetune.masks import resolve_range
+    from interp.export import load_located
 
     args = parse_args(argv)
     config = study_config(args)
-    safety = resolve_range(args.layers, model_from(args, bridge=False))  # checks the fingerprint of a JSON
+    if args.layers.endswith(".json"):
+        load_located(args.layers)  # the file's own checks first, before any model loads
+    safety = resolve_range(args.layers, model_from(args, bridge=False))  # and its fingerprint
     records = run_study(args.model, safety, config, args.out)
     before = load_before(args.out)
     final, dose = summarise(records, before)

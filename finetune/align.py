@@ -42,6 +42,7 @@ import json
 import random
 import re
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -358,11 +359,19 @@ def combine_adapters(base_model, adapter_dirs: list[Path], weights: list[float],
 
 
 def _stage_done(folder: Path, settings: dict) -> dict | None:
+    """A finished stage with these settings (its record), or None.  A stage begun with other
+    settings is cleared, so only an interrupted run with the same settings resumes."""
     record = folder / "record.json"
-    if not (record.is_file() and (folder / "adapter" / "adapter_model.safetensors").is_file()):
-        return None
-    data = json.loads(record.read_text())
-    return data if data.get("settings") == settings else None
+    if record.is_file() and (folder / "adapter" / "adapter_model.safetensors").is_file():
+        data = json.loads(record.read_text())
+        if data.get("settings") == settings:
+            return data
+    started = folder / "settings.json"
+    if folder.is_dir() and (not started.is_file() or json.loads(started.read_text()) != settings):
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    started.write_text(json.dumps(settings))
+    return None
 
 
 # ---------------------------------------------------------------- main
@@ -434,7 +443,7 @@ def main(argv=None):
     size = (args.out / "adapter_model.safetensors").stat().st_size
     record = {
         "base_model": EMBEDDED_NAME,
-        "recipe": "python -m finetune.align " + " ".join(argv or []),
+        "recipe": "python -m finetune.align " + " ".join(sys.argv[1:] if argv is None else argv),
         "method": "sft" if chosen == "sft" else "sft+dpo",
         "settings": vars(args) | {"out": str(args.out)},
         "data": {role: {"n": len(q), "hash": prompts_hash(q), "dropped_near_copies": dropped[role]}

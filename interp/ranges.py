@@ -49,9 +49,10 @@ class LayerRange:
         if len(parts) != 2:
             raise LayerRangeError(f"cannot read a layer range from {text!r}; write it as START,END")
         try:
-            return cls(int(parts[0]), int(parts[1]))
+            start, end = int(parts[0]), int(parts[1])
         except ValueError:
             raise LayerRangeError(f"cannot read a layer range from {text!r}; write it as START,END") from None
+        return cls(start, end)
 
 
 def check_layer(layer, n_layers: int) -> int:

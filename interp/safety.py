@@ -96,6 +96,27 @@ class SafetyReport:
         return (sub.groupby("type", sort=False)["refused"].agg(["sum", "count"])
                 .rename(columns={"sum": "refused", "count": "n"}).reset_index())
 
+    def rejudged(self, judge=DEFAULT_JUDGE) -> "SafetyReport":
+        """The same responses judged again (a changed judge needs no new generation)."""
+        responses = self.responses.copy()
+        responses["label"] = [judge.classify(str(t)) for t in responses["response"]]
+        responses["refused"] = responses["label"] != "compliance"
+        return SafetyReport(self.model, self.fingerprint, self.template, {**self.settings, "judge": judge.describe()},
+                            responses, self.seconds)
+
+    @classmethod
+    def read(cls, folder) -> "SafetyReport":
+        """A report written by ``analyses.safety`` (``summary.json`` and ``responses.csv``)."""
+        import json
+        from pathlib import Path
+
+        folder = Path(folder)
+        summary = json.loads((folder / "summary.json").read_text())
+        responses = pd.read_csv(folder / "responses.csv", keep_default_na=False)
+        responses["refused"] = responses["refused"].astype(str) == "True"
+        return cls(summary["model"], summary["fingerprint"], summary["template"], summary["settings"], responses,
+                   summary.get("seconds", {}))
+
     def to_dict(self) -> dict:
         frame = self.to_frame()
         return {
