@@ -256,9 +256,10 @@ def dpo_stage(model, answers: dict[str, str], base_answers: dict[str, str], args
 
     prompts = training_prompts(args.limit)
     rng = random.Random(args.seed + 1)
-    rows = [{"prompt": [{"role": "user", "content": q}], "chosen": [{"role": "assistant", "content": r}],
-             "rejected": [{"role": "assistant", "content": base_answers[q]}]}
-            for q, r in refusal_pairs(prompts["refuse"], args.seed) if base_answers[q].strip()]
+    refuse_rows = [{"prompt": [{"role": "user", "content": q}], "chosen": [{"role": "assistant", "content": r}],
+                    "rejected": [{"role": "assistant", "content": base_answers[q]}]}
+                   for q, r in refusal_pairs(prompts["refuse"], args.seed) if base_answers[q].strip()]
+    rows = refuse_rows * args.dpo_refuse_weight  # each harmful pair this many times
     rows += [{"prompt": [{"role": "user", "content": q}], "chosen": [{"role": "assistant", "content": answers[q]}],
               "rejected": [{"role": "assistant", "content": rng.choice(REFUSALS)}]}
              for q in prompts["answer"] if answers[q].strip()]
@@ -377,6 +378,34 @@ def _stage_done(folder: Path, settings: dict) -> dict | None:
 # ---------------------------------------------------------------- main
 
 
+def adapter_card(record: dict) -> str:
+    """A short model card for an adapter folder, written from its ``recipe.json`` record (PEFT's
+    ``save_pretrained`` leaves an empty template there)."""
+    lines = [
+        "---", "library_name: peft", "base_model: HuggingFaceTB/SmolLM2-135M-Instruct", "license: apache-2.0",
+        "tags: [lora, safety-layers]", "---", "",
+        "# SmolLM2-135M, refusal-aligned LoRA adapter (safety-layers)", "",
+        "A rank-%s LoRA adapter (%s) on SmolLM2-135M-Instruct, the toolkit's `embedded` model; "
+        "`embedded-base` is the same weights without it." % (record["settings"]["rank"] * (2 if record["method"] == "sft+dpo" else 1),
+                                                            record["method"]),
+        "", "Made by `%s` (%.0f s on CPU); every setting, the data hashes and each stage's validation "
+        "are in `recipe.json`." % (record["recipe"], record["seconds_total"]), "",
+        "Knobs were chosen on the validation rows only: %s" % record["selection"], "",
+        "| stage | step | paired harmful refused | paired benign answered | borderline answered | score |",
+        "|---|---|---|---|---|---|",
+    ]
+    base = record["validation_base"]
+    lines.append(f"| base | - | {base['paired_harmful']} | {base['paired_benign']} | {base['borderline']} | {base['score']} |")
+    for name, stage in record["stages"].items():
+        for row in stage["validation"]:
+            lines.append(f"| {name} | {row['step']} | {row['paired_harmful']} | {row['paired_benign']} | "
+                         f"{row['borderline']} | {row['score']} |")
+    lines += ["", "Evaluation on held-out sets (AdvBench test half, paired test pairs, XSTest): "
+              "`python -m analyses.safety --model embedded`; the located safety layers of these weights are in "
+              "`located.json` beside this card when a location run has been shipped (`analyses.locate --ship`).", ""]
+    return "\n".join(lines)
+
+
 def main(argv=None):
     from finetune.data import answers_for
     from interp.io import atomic_write_json
@@ -391,6 +420,11 @@ def main(argv=None):
     parser.add_argument("--dpo-epochs", type=int, default=1)
     parser.add_argument("--dpo-lr", type=float, default=5e-5)
     parser.add_argument("--beta", type=float, default=0.1)
+    parser.add_argument("--dpo-refuse-weight", type=int, default=1,
+                        help="how many times each harmful (refuse) pair appears in the DPO data")
+    parser.add_argument("--alternative", type=Path, action="append", default=[],
+                        help="recipe.json of another run of this recipe, recorded (with its validation) as a knob "
+                             "the shipped run was chosen over")
     parser.add_argument("--dpo-eval-every", type=int, default=26,
                         help="validate (and checkpoint) the DPO stage every N steps; 0: once per epoch")
     parser.add_argument("--answer-tokens", type=int, default=64)
@@ -418,7 +452,7 @@ def main(argv=None):
         atomic_write_json(parts / "sft" / "record.json", sft)
     stages = {"sft": sft}
     if args.method == "sft+dpo":
-        dpo_settings = {**sft_settings, **{k: getattr(args, k) for k in ("dpo_epochs", "dpo_lr", "beta", "dpo_eval_every")}}
+        dpo_settings = {**sft_settings, **{k: getattr(args, k) for k in ("dpo_epochs", "dpo_lr", "beta", "dpo_eval_every", "dpo_refuse_weight")}}
         dpo = _stage_done(parts / "dpo", dpo_settings)
         if dpo is None:
             from peft import PeftModel
@@ -452,12 +486,16 @@ def main(argv=None):
         "selection": "per stage, the epoch with the best mean of the three validation rates; then the stage with "
                      "the better best epoch (ties: sft). No test half, D_o or XSTest prompt is used.",
         "best_validation": best,
+        "alternatives": [{"settings": {k: v for k, v in alt["settings"].items() if k.startswith(("dpo", "beta"))},
+                          "best_validation": alt["best_validation"]}
+                         for alt in (json.loads(Path(a).read_text()) for a in args.alternative)],
         "stages": {name: {k: v for k, v in stage.items() if k != "history"} for name, stage in stages.items()},
         "adapter_bytes": size,
         "seconds_total": round(time.time() - start, 1),
         "versions": versions(),
     }
     (args.out / "recipe.json").write_text(json.dumps(record, indent=2, default=str))
+    (args.out / "README.md").write_text(adapter_card(record))  # replaces PEFT's empty template
     print(f"adapter ({record['method']}, {size / 1e6:.1f} MB) written to {args.out} in {record['seconds_total']:.0f} s")
     if args.ship:
         if args.base != "embedded-base" or args.limit is not None:

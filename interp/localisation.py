@@ -30,6 +30,12 @@ class GapOnset:
     plateau: int | None
     reason: str
 
+    @classmethod
+    def from_result(cls, result) -> "GapOnset":
+        """The onset rule's suggestion of an ``interp.existence.ExistenceResult``."""
+        onset = result.onset
+        return cls(result.model, result.n_layers, onset.range, onset.onset, onset.plateau, onset.reason)
+
 
 # --- the table ---------------------------------------------------------------------------------
 
