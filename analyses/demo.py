@@ -31,14 +31,14 @@ def steps(out: Path, full: bool) -> list[tuple[str, str, list[str]]]:
         ("Safety of the base model", "analyses.safety",
          ["--model", "embedded-base", "--out", str(out / "safety-base")] + subset("--limit", "40")),
         ("Existence: cosine gaps and probes, unpaired and paired", "analyses.existence",
-         ["--model", "embedded", "--compare", "embedded-base", "--pairs", "--out", str(out / "existence")]
-         + subset("--n-boot", "300")),
+         ["--model", "embedded", "--compare", "embedded-base", "--pairs", "--pairs-part", "validation",
+          "--out", str(out / "existence")] + subset("--n-boot", "300")),
         ("Location: scaling sweeps and the exported range", "analyses.locate",
          ["--model", "embedded", "--init-from", str(out / "existence" / "existence.json"), "--out", str(out / "locate"),
           "--upper-offsets=-3,6", "--lower-offsets=-3,3"] + subset("--limit", "128")),
         ("Causal localisation: patching, refusal direction, the three views", "analyses.causal",
          ["--model", "embedded", "--located", str(out / "locate" / "located.json"),
-          "--existence", str(out / "existence" / "existence.json"), "--out", str(out / "causal")] + subset("--pairs", "32")),
+          "--existence", str(out / "existence" / "existence.json"), "--out", str(out / "causal")] + subset("--limit", "32", "--gen-pairs", "8", "--train-limit", "64", "--val-limit", "32")),
         ("Protection: SPPFT vs full fine-tuning", "analyses.sppft",
          ["--model", "embedded", "--layers", str(out / "locate" / "located.json"), "--out", str(out / "sppft")]
          + subset("--data", "implicit", "--seeds", "0", "--steps", "8", "--eval-steps", "0,4,8", "--train-size", "32",

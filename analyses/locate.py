@@ -77,11 +77,31 @@ def initial_from_existence(path: str | Path, spec: str | None = None) -> LayerRa
         raise UsageError(f"{path} holds no 'models' entries: not an existence-analysis result")
     entry = next((m for m in models if m.get("model") == spec), models[0])
     suggestion = (entry.get("suggested_range") or {}).get("range")
-    if suggestion is None:
-        reason = (entry.get("suggested_range") or {}).get("reason", "no reason recorded")
+    if suggestion is not None:
+        return LayerRange(int(suggestion[0]), int(suggestion[1]))
+    reason = (entry.get("suggested_range") or {}).get("reason", "no reason recorded")
+    band = paired_band(data, entry.get("model"))
+    if band is None:
         raise LayerRangeError(f"{path}: the existence analysis suggested no range for {entry.get('model')} "
-                              f"({reason}); pass --init START,END")
-    return LayerRange(int(suggestion[0]), int(suggestion[1]))
+                              f"({reason}) and holds no paired comparison to fall back on; pass --init START,END")
+    part = (data.get("config") or {}).get("pairs_part", "test")
+    if part == "test":
+        raise LayerRangeError(f"{path}: no unpaired suggestion for {entry.get('model')}, and its paired band comes "
+                              "from the test pairs, which may not choose anything; re-run the existence analysis "
+                              "with --pairs-part validation, or pass --init START,END")
+    print(f"{path}: no unpaired suggestion for {entry.get('model')} ({reason}); starting from the layers where its "
+          f"paired gap exceeds the base model's ({part} pairs): [{band[0]},{band[1]}]")
+    return LayerRange(int(band[0]), int(band[1]))
+
+
+def paired_band(data: dict, model: str | None) -> list[int] | None:
+    """The band of layers where ``model``'s paired gap (the rule's definition, raw) exceeds the
+    compared model's, from an existence JSON's ``paired.comparison``; ``None`` if there is none."""
+    comparison = (data.get("paired") or {}).get("comparison") or {}
+    if comparison.get("a") != model:
+        return None
+    gap = (data.get("config") or {}).get("gap", "code")
+    return ((comparison.get("bands") or {}).get(f"gap_{gap}") or {}).get("difference_above_zero")
 
 
 def parse_args(argv=None):

@@ -206,7 +206,10 @@ def run_study(spec: str, safety, config: StudyConfig, out: Path, log=print) -> l
     base = load_model(spec, device=config.device, template=config.template, bridge=False)
     pairs = {"train": D.benign_pairs(base, "train", limit=config.train_size, max_new_tokens=96)}
     pairs["quality"] = D.benign_pairs(base, "test", limit=config.quality, max_new_tokens=96)
-    settings = {"spec": spec, "fingerprint": base.fingerprint(), "safety": str(safety), "config": asdict(config),
+    # which runs a study holds (data, modes, seeds) does not change how each one runs: a run made by a
+    # study of other selections is reused
+    how = {k: v for k, v in asdict(config).items() if k not in ("data", "modes", "seeds", "reverse_control")}
+    settings = {"spec": spec, "fingerprint": base.fingerprint(), "safety": str(safety), "config": how,
                 "train_hash": prompts_hash([q + a for q, a in pairs["train"]])}
     before_path = out / "runs" / "before.json"
     if not _matches(before_path, settings):

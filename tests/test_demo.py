@@ -19,6 +19,8 @@ def test_steps_flow_into_each_other_and_full_drops_the_subsets(tmp_path):
     causal_argv = by_module["analyses.causal"]
     assert causal_argv[causal_argv.index("--located") + 1] == str(tmp_path / "locate" / "located.json")
     assert "--limit" in locate_argv and "--pairs" in by_module["analyses.existence"]
+    existence_argv = by_module["analyses.existence"]
+    assert existence_argv[existence_argv.index("--pairs-part") + 1] == "validation"  # locate's start is chosen there
     for _, _, argv in demo.steps(tmp_path, full=True):
         assert not {"--limit", "--n-boot", "--pairs-limit", "--steps", "--seeds", "--no-audit"} & set(argv)
 
@@ -49,3 +51,28 @@ def test_report_shows_each_steps_numbers_and_failures(tmp_path):
     assert "**Located range [7,9]**" in text and "baseline R_o 42 of 64 queries" in text
     assert "| upper | [7,9] | 60 | – | * |" in text
     assert "FAILED" in text and "boom" in text
+
+
+class _ArgparseError(Exception):
+    pass
+
+
+def test_every_step_passes_only_options_its_analysis_knows(tmp_path, monkeypatch):
+    """Each step's argv goes through that analysis's own parser: an option it does not have (a
+    renamed flag) fails here, not an hour into ``make demo``.  Checks that read the input files
+    (which do not exist yet) may fail; argparse may not."""
+    import argparse
+    import importlib
+
+    def error(self, message):
+        raise _ArgparseError(message)
+
+    monkeypatch.setattr(argparse.ArgumentParser, "error", error)
+    for full in (False, True):
+        for _, module, argv in demo.steps(tmp_path, full=full):
+            try:
+                importlib.import_module(module).parse_args(argv)
+            except _ArgparseError as err:
+                raise AssertionError(f"{module} {argv}: {err}") from None
+            except Exception:  # a missing input file: the step's own checks, after argparse
+                pass

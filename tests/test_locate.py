@@ -334,3 +334,26 @@ def test_initial_range_from_existence_json(tmp_path):
         initial_from_existence(path, "a")
     with pytest.raises(ValueError, match="no existence result"):
         initial_from_existence(tmp_path / "none.json")
+
+
+def test_initial_range_falls_back_to_the_paired_band_of_validation_pairs_only(tmp_path):
+    """No unpaired suggestion: start from the layers where the aligned model's paired gap exceeds the
+    base model's, but only if those pairs were not the test pairs (a test split chooses nothing)."""
+    from analyses.locate import initial_from_existence
+
+    path = tmp_path / "existence.json"
+    record = {"config": {"gap": "code", "pairs_part": "validation"},
+              "models": [{"model": "a", "suggested_range": {"range": None, "reason": "flat"}}],
+              "paired": {"comparison": {"a": "a", "b": "base", "bands": {
+                  "gap_code": {"difference_above_zero": [14, 21]}, "gap_paper": {"difference_above_zero": [3, 4]}}}}}
+    path.write_text(json.dumps(record))
+    assert initial_from_existence(path, "a") == LayerRange(14, 21)
+    record["config"]["pairs_part"] = "test"
+    path.write_text(json.dumps(record))
+    with pytest.raises(LayerRangeError, match="test pairs"):
+        initial_from_existence(path, "a")
+    record["config"]["pairs_part"] = "validation"
+    record["paired"]["comparison"]["a"] = "other"  # the band is for another model
+    path.write_text(json.dumps(record))
+    with pytest.raises(LayerRangeError, match="flat"):
+        initial_from_existence(path, "a")
