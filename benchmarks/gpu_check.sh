@@ -8,11 +8,9 @@
 #
 # Exit status: 0 when every step passed, 1 when one failed (the others still run), 2 without CUDA.
 # Notes:
-# - analyses.sppft has no --dtype: its fine-tuning runs in float32 (the paper's setting), and
-#   finetune/study.py loads its models with device="cpu" whatever --device says, so that step
-#   currently trains on the CPU (see the report of issue 13); its time says so.
-# - the safety range is read from docs/locate/located.json without the fingerprint check: that
-#   file was located on the float32 weights, and a bfloat16 copy has another fingerprint.
+# - analyses.sppft has no --dtype: its fine-tuning runs in float32 (the paper's setting) on --device.
+# - the safety range is read from docs/locate/located.json as START,END (located on the float32
+#   weights; load_located would also accept the bfloat16 copy through its bf16 fingerprint).
 set -uo pipefail
 
 cd "$(dirname "$0")/.."

@@ -22,7 +22,7 @@ import torch
 
 from finetune.masks import head_mask, merge_element_masks, neuron_mask
 from interp.estimate import refusal_log_odds, refusal_opening_token_ids
-from interp.forward import PromptBatches, run_decoder
+from interp.forward import PromptBatches, decoder_kwargs
 from interp.judge import DEFAULT_JUDGE
 
 
@@ -56,7 +56,8 @@ def unit_scores(model, prompts: list[str], batch_size: int = 16) -> UnitScores:
         for batch in PromptBatches.build(model, prompts, batch_size=batch_size, share_prefix=False).batches:
             saved.clear()
             with torch.enable_grad(), model.bridge.hooks(fwd_hooks=[(n, keep) for n in names]):
-                hidden = run_decoder(model, batch.ids, batch.mask).last_hidden_state
+                # the decoder with autograd on (interp.forward.run_decoder is no_grad: inference only)
+                hidden = model.decoder()(**decoder_kwargs(model, batch.ids, batch.mask)).last_hidden_state
                 log_odds = refusal_log_odds(model.hf_model.lm_head(hidden[:, -1]), opener_ids)
                 log_odds.sum().backward()
             for i in range(model.n_layers):

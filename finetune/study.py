@@ -175,8 +175,9 @@ def run_one(spec: str, safety, data_name: str, mode: str, seed: int, config: Stu
     from interp.models import load_model
 
     model = load_model(spec, device=config.device, template=config.template, bridge=False)
-    train_mode, layers, element_masks, frozen = frozen_setup(model, mode, safety, config,
-                                                             M.ablation_range(safety, model.n_layers))
+    # only the ablation has an ablation range (there may be none outside a wide safety range)
+    ablation = M.ablation_range(safety, model.n_layers) if mode.partition("@")[0] == "ablation" else None
+    train_mode, layers, element_masks, frozen = frozen_setup(model, mode, safety, config, ablation)
     record = RunRecord(data_name, mode, seed, config.lr_for(mode), frozen)
     examples = D.build_set(data_name, pairs_cache["train"], model.tokenizer, config.template, seed)
     train_config = TrainConfig(
