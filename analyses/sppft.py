@@ -22,7 +22,7 @@ import pandas as pd
 
 from analyses.cli import UsageError, add_model_options, main_guard, model_from, parser_for, positive_int
 from finetune import data as D
-from finetune.study import MODES, StudyConfig, audit_table, load_before, run_study, summarise
+from finetune.study import MODES, StudyConfig, audit_table, finished_runs, load_before, run_study, summarise
 from interp.io import atomic_savefig, atomic_write_csv, atomic_write_json
 from interp.plots import plot_audit, plot_dose, plot_protection
 from interp.provenance import versions
@@ -53,6 +53,9 @@ def parse_args(argv=None):
     parser.add_argument("--paper-settings", action="store_true", help="the official code's lr, batch, template, bounds")
     parser.add_argument("--reverse-control", action="store_true", help="also SPPFT at full FT's lr and vice versa")
     parser.add_argument("--no-audit", action="store_true", help="skip the post-fine-tuning gap and R_o audit")
+    parser.add_argument("--report", action="store_true",
+                        help="train nothing: tabulate every finished run under --out made with these run settings "
+                             "(whatever --data/--modes/--seeds made them)")
     parser.add_argument("--out", type=Path, default=Path("results/sppft"))
     args = parser.parse_args(argv)
     args.data = tuple(d.strip() for d in args.data.split(",") if d.strip())
@@ -92,11 +95,17 @@ def main(argv=None) -> dict:
     if args.layers.endswith(".json"):
         load_located(args.layers)  # the file's own checks first, before any model loads
     safety = resolve_range(args.layers, model_from(args, bridge=False))  # and its fingerprint
-    records = run_study(args.model, safety, config, args.out)
+    if args.report:
+        records = finished_runs(args.model, safety, config, args.out)
+        if not records or not (args.out / "runs" / "before.json").is_file():
+            raise UsageError(f"no finished runs with these settings under {args.out}/runs")
+    else:
+        records = run_study(args.model, safety, config, args.out)
     before = load_before(args.out)
     final, dose = summarise(records, before)
     audit = audit_table(records, before)
-    title = f"{args.model}: safety layers {safety}, {len(config.seeds)} seeds, {config.steps} steps"
+    seeds = sorted({r.seed for r in records})
+    title = f"{args.model}: safety layers {safety}, seeds {','.join(map(str, seeds))}, {config.steps} steps"
     written = [atomic_write_csv(args.out / "final.csv", final.drop(columns="per_seed")),
                atomic_write_csv(args.out / "dose.csv", dose), atomic_write_csv(args.out / "audit.csv", audit),
                atomic_savefig(args.out / "sppft.png", plot_protection(final, title)),
@@ -104,6 +113,7 @@ def main(argv=None) -> dict:
     if not audit.empty:
         written.append(atomic_savefig(args.out / "audit.png", plot_audit(audit)))
     summary = {"model": args.model, "safety_range": [safety.start, safety.end], "config": asdict(config),
+               "runs": [r.name for r in records],
                "final": final.to_dict("records"), "dose": dose.to_dict("records"),
                "audit": audit.to_dict("records"), "before": {k: v for k, v in before.items() if k != "dose"},
                "versions": versions()}

@@ -207,10 +207,7 @@ def run_study(spec: str, safety, config: StudyConfig, out: Path, log=print) -> l
     base = load_model(spec, device=config.device, template=config.template, bridge=False)
     pairs = {"train": D.benign_pairs(base, "train", limit=config.train_size, max_new_tokens=96)}
     pairs["quality"] = D.benign_pairs(base, "test", limit=config.quality, max_new_tokens=96)
-    # which runs a study holds (data, modes, seeds) does not change how each one runs: a run made by a
-    # study of other selections is reused
-    how = {k: v for k, v in asdict(config).items() if k not in ("data", "modes", "seeds", "reverse_control")}
-    settings = {"spec": spec, "fingerprint": base.fingerprint(), "safety": str(safety), "config": how,
+    settings = {"spec": spec, "fingerprint": base.fingerprint(), "safety": str(safety), "config": run_key(config),
                 "train_hash": prompts_hash([q + a for q, a in pairs["train"]])}
     before_path = out / "runs" / "before.json"
     if not _matches(before_path, settings):
@@ -237,6 +234,32 @@ def run_study(spec: str, safety, config: StudyConfig, out: Path, log=print) -> l
                 log(f"{record.name}: {time.perf_counter() - start:.0f} s, final R_h "
                     + ", ".join(f"{k} {sum(v) / len(v):.0%}" for k, v in record.final.items()))
                 records.append(record)
+    return records
+
+
+def run_key(config: StudyConfig) -> dict:
+    """The settings that decide how each run goes.  Which runs a study holds (data, modes, seeds,
+    the reverse control) is left out: a run made by a study of other selections is reused."""
+    return {k: v for k, v in asdict(config).items() if k not in ("data", "modes", "seeds", "reverse_control")}
+
+
+def finished_runs(spec: str, safety, config: StudyConfig, out: Path) -> list[RunRecord]:
+    """Every finished run under ``out/runs`` made for ``spec`` and ``safety`` with ``config``'s run
+    settings, whatever data, mode or seed (several studies may share one folder, e.g. one per
+    core), without loading a model or training; ``run_study`` checked each one's weights and
+    training data when it wrote it."""
+    key = json.loads(json.dumps(run_key(config), default=str))
+    records = []
+    for path in sorted((Path(out) / "runs").glob("*.json")):
+        if path.name == "before.json":
+            continue
+        try:
+            saved = json.loads(path.read_text())
+        except json.JSONDecodeError:
+            continue
+        settings = saved.get("settings") or {}
+        if settings.get("spec") == spec and settings.get("safety") == str(safety) and settings.get("config") == key:
+            records.append(RunRecord(**saved["record"]))
     return records
 
 

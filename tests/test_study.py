@@ -312,6 +312,15 @@ def test_run_study_writes_runs_resumes_and_reruns_on_new_settings(tiny_dir, tmp_
         run_study(spec, safety, _small(**changed), out, log=lambda *_: None)
         assert calls == []
 
+    # a report over the folder: every finished run with the first settings, whatever selection made
+    # it (seed 1; the seed-0 files were replaced by the re-runs), none made with another lr or steps
+    reported = S.finished_runs(spec, safety, _small(modes=("full",), seeds=(5,)), out)
+    assert sorted((r.mode, r.seed) for r in reported) == [("full", 1), ("sppft", 1)]
+    assert all(r.lr == 1e-3 for r in reported)
+    assert [(r.mode, r.seed, r.lr) for r in S.finished_runs(spec, safety, _small(lr=2e-3, steps=3), out)] == \
+        [("full", 0, 2e-3), ("sppft", 0, 2e-3)]
+    assert S.finished_runs(spec, LayerRange(0, 1), _small(), out) == []  # another safety range
+
 
 # ---------------------------------------------------------------- 4. summarise and audit_table
 
