@@ -40,7 +40,8 @@ def parse_args(argv=None):
     add_model_options(parser, dtype=False)
     parser.add_argument("--layers", default="results/locate/located.json", help="located-range JSON or START,END")
     parser.add_argument("--data", default="normal,implicit", help=f"comma-separated from {', '.join(D.SETS[:2])}")
-    parser.add_argument("--modes", default="sppft,full,ablation", help=f"comma-separated from {', '.join(MODES)}")
+    parser.add_argument("--modes", default="sppft,full,ablation",
+                        help=f"comma-separated from {', '.join(MODES)}; sppft@full_lr, full@sppft_lr name reverse-control runs")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--steps", type=positive_int, default=64, help="optimizer steps per run")
     parser.add_argument("--eval-steps", default="0,8,16,32,64", help="steps at which the dose curve is measured")
@@ -63,9 +64,11 @@ def parse_args(argv=None):
     for name in args.data:
         if name not in ("normal", "implicit", "backdoor"):
             raise UsageError(f"unknown data set {name!r}; choose from normal, implicit, backdoor")
-    for mode in args.modes:
-        if mode not in MODES:
-            raise UsageError(f"unknown mode {mode!r}; choose from {', '.join(MODES)}")
+    for mode in args.modes:  # a reverse-control run may be asked for by name, e.g. to split a study over cores
+        base, _, override = mode.partition("@")
+        if base not in MODES or override not in ("", "full_lr", "sppft_lr"):
+            raise UsageError(f"unknown mode {mode!r}; choose from {', '.join(MODES)} "
+                             "(or sppft@full_lr, full@sppft_lr: the reverse control)")
     args.seeds = _ints(args.seeds, "--seeds")
     args.eval_steps = _ints(args.eval_steps, "--eval-steps")
     if not args.seeds:

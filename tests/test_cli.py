@@ -20,6 +20,7 @@ CASES = [
     ("analyses.locate", ["--init", "2,4", "--components", "q,up"], "unknown component"),
     ("analyses.sppft", ["--layers", "/no/such/located.json"], "no located-range file"),
     ("analyses.sppft", ["--layers", "2,4", "--modes", "sppft,everything"], "unknown mode"),
+    ("analyses.sppft", ["--layers", "2,4", "--modes", "sppft@half_lr"], "unknown mode"),
     ("analyses.sppft", ["--layers", "2,4", "--seeds", "a,b"], "comma-separated integers"),
     ("analyses.judge", ["--split", "train"], "invalid choice"),
     ("analyses.causal", ["--existence", "/no/such/existence.json"], "no existence result"),

@@ -446,3 +446,13 @@ def test_lr_for_gives_the_official_rates_and_the_reverse_control():
 def test_frozen_setup_rejects_an_unknown_mode(tiny4):
     with pytest.raises(ValueError, match="unknown study mode"):
         frozen_setup(tiny4, "everything", LayerRange(1, 2), StudyConfig())
+
+
+def test_reverse_control_runs_can_be_named_on_the_command_line():
+    """``--modes sppft@full_lr,full@sppft_lr`` selects only the reverse control (a study split
+    over cores), with the learning rates of ``lr_for``."""
+    from analyses.sppft import parse_args, study_config
+
+    config = study_config(parse_args(["--layers", "2,4", "--paper-settings", "--modes", "sppft@full_lr,full@sppft_lr"]))
+    assert config.run_modes() == ["sppft@full_lr", "full@sppft_lr"]
+    assert [config.lr_for(m) for m in config.run_modes()] == [PAPER_LR["full"], PAPER_LR["frozen"]]
