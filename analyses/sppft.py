@@ -22,7 +22,7 @@ import pandas as pd
 
 from analyses.cli import UsageError, add_model_options, main_guard, model_from, parser_for, positive_int
 from finetune import data as D
-from finetune.study import MODES, StudyConfig, audit_table, finished_runs, load_before, run_study, summarise
+from finetune.study import MODES, REVERSE_CONTROL, StudyConfig, audit_table, finished_runs, load_before, run_study, summarise
 from interp.io import atomic_savefig, atomic_write_csv, atomic_write_json
 from interp.plots import plot_audit, plot_dose, plot_protection
 from interp.provenance import versions
@@ -41,7 +41,7 @@ def parse_args(argv=None):
     parser.add_argument("--layers", default="results/locate/located.json", help="located-range JSON or START,END")
     parser.add_argument("--data", default="normal,implicit", help=f"comma-separated from {', '.join(D.SETS[:2])}")
     parser.add_argument("--modes", default="sppft,full,ablation",
-                        help=f"comma-separated from {', '.join(MODES)}; sppft@full_lr, full@sppft_lr name reverse-control runs")
+                        help=f"comma-separated from {', '.join(MODES)}; {', '.join(REVERSE_CONTROL)} name reverse-control runs")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--steps", type=positive_int, default=64, help="optimizer steps per run")
     parser.add_argument("--eval-steps", default="0,8,16,32,64", help="steps at which the dose curve is measured")
@@ -65,10 +65,9 @@ def parse_args(argv=None):
         if name not in ("normal", "implicit", "backdoor"):
             raise UsageError(f"unknown data set {name!r}; choose from normal, implicit, backdoor")
     for mode in args.modes:  # a reverse-control run may be asked for by name, e.g. to split a study over cores
-        base, _, override = mode.partition("@")
-        if base not in MODES or override not in ("", "full_lr", "sppft_lr"):
+        if mode not in MODES + REVERSE_CONTROL:
             raise UsageError(f"unknown mode {mode!r}; choose from {', '.join(MODES)} "
-                             "(or sppft@full_lr, full@sppft_lr: the reverse control)")
+                             f"(or {', '.join(REVERSE_CONTROL)}: the reverse control)")
     args.seeds = _ints(args.seeds, "--seeds")
     args.eval_steps = _ints(args.eval_steps, "--eval-steps")
     if not args.seeds:

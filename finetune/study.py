@@ -44,6 +44,7 @@ from interp.io import atomic_write_json
 from interp.stats import seeds_interval
 
 MODES = ("sppft", "full", "ablation", "critical")
+REVERSE_CONTROL = ("sppft@full_lr", "full@sppft_lr")  # SPPFT at full FT's lr and vice versa (``lr_for``)
 PAPER_LR = {"frozen": 3e-5, "full": 3e-4}
 """The official code's defaults: ``SPPFT.py`` 3e-5, ``Full_finetuning.py`` 3e-4."""
 
@@ -92,7 +93,7 @@ class StudyConfig:
     def run_modes(self) -> list[str]:
         modes = list(self.modes)
         if self.reverse_control:
-            modes += ["sppft@full_lr", "full@sppft_lr"]
+            modes += list(REVERSE_CONTROL)
         return modes
 
 
@@ -248,7 +249,7 @@ def finished_runs(spec: str, safety, config: StudyConfig, out: Path) -> list[Run
     settings, whatever data, mode or seed (several studies may share one folder, e.g. one per
     core), without loading a model or training; ``run_study`` checked each one's weights and
     training data when it wrote it."""
-    key = json.loads(json.dumps(run_key(config), default=str))
+    key = _as_saved(run_key(config))
     records = []
     for path in sorted((Path(out) / "runs").glob("*.json")):
         if path.name == "before.json":
@@ -263,11 +264,16 @@ def finished_runs(spec: str, safety, config: StudyConfig, out: Path) -> list[Run
     return records
 
 
+def _as_saved(settings: dict) -> dict:
+    """``settings`` as a run file holds them (tuples become lists, other values strings)."""
+    return json.loads(json.dumps(settings, default=str))
+
+
 def _matches(path: Path, settings: dict) -> bool:
     if not path.is_file():
         return False
     try:
-        return json.loads(path.read_text()).get("settings") == json.loads(json.dumps(settings, default=str))
+        return json.loads(path.read_text()).get("settings") == _as_saved(settings)
     except json.JSONDecodeError:
         return False
 

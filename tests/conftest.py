@@ -14,27 +14,28 @@ from interp.models import embedded_gguf_path, load_model
 torch.set_num_threads(int(os.environ.get("TEST_THREADS", max(1, min(2, torch.get_num_threads())))))
 
 
-def build_tiny_llama(folder, n_layers: int = 4, seed: int = 0, bias: bool = False):
-    """Save a randomly initialised Llama (d_model 64) with SmolLM2's tokenizer to ``folder``."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+def embedded_tokenizer():
+    """SmolLM2's tokenizer, read from the embedded GGUF file (every tiny model uses it)."""
+    from transformers import AutoTokenizer
 
     gguf = embedded_gguf_path()
-    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    config = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=n_layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        attention_bias=bias,
-        mlp_bias=bias,
-        tie_word_embeddings=True,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-    )
+    return AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+
+
+def tiny_sizes(tok, n_layers: int) -> dict:
+    """The config fields every tiny random model shares (d_model 64, 4 heads, 2 KV heads), with
+    ``tok``'s vocabulary and special tokens."""
+    return dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=n_layers,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+
+
+def build_tiny_llama(folder, n_layers: int = 4, seed: int = 0, bias: bool = False):
+    """Save a randomly initialised Llama (d_model 64) with SmolLM2's tokenizer to ``folder``."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = embedded_tokenizer()
+    config = LlamaConfig(**tiny_sizes(tok, n_layers), attention_bias=bias, mlp_bias=bias, tie_word_embeddings=True)
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
     if bias:  # HF initialises biases to zero; make them matter

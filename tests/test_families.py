@@ -47,10 +47,11 @@ from interp.architectures import UnsupportedArchitectureError, supported_familie
 from interp.export import LocatedRangeError, export_located, load_located
 from interp.judge import DEFAULT_JUDGE
 from interp.locate import locate
-from interp.models import embedded_gguf_path, load_hf, load_model
+from interp.models import load_hf, load_model
 from interp.overrejection import RoEvaluator
 from interp.ranges import LayerRange
 from interp.scaling import ALL_COMPONENTS, scale_weights_, scaled
+from tests.conftest import embedded_tokenizer, tiny_sizes
 
 FAMILIES = ("llama", "mistral", "qwen2", "gemma", "gemma2", "phi3")
 N_LAYERS = 3
@@ -103,13 +104,6 @@ def known_bug(request, family: str, families, bug: str, when: bool = True) -> No
 # --- building the models ----------------------------------------------------------------------
 
 
-def embedded_tokenizer():
-    from transformers import AutoTokenizer
-
-    gguf = embedded_gguf_path()
-    return AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-
-
 def build_tiny_family(family: str, folder, seed: int = 0, n_layers: int = N_LAYERS, tokenizer=None):
     """Save a tiny randomly initialised model of ``family`` with SmolLM2's tokenizer to ``folder``.
     Biases (Qwen2's q/k/v) are drawn at random: HF initialises them to zero, where a hook that
@@ -117,20 +111,7 @@ def build_tiny_family(family: str, folder, seed: int = 0, n_layers: int = N_LAYE
     from transformers import AutoConfig, AutoModelForCausalLM
 
     tok = tokenizer or embedded_tokenizer()
-    config = AutoConfig.for_model(
-        family,
-        vocab_size=len(tok),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=n_layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-        **EXTRAS[family],
-    )
+    config = AutoConfig.for_model(family, **tiny_sizes(tok, n_layers), **EXTRAS[family])
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config)
     with torch.no_grad():
