@@ -13,8 +13,9 @@ the same judge):
 - **batched baseline**: what a competent user writes in ten lines: a weight-scaled copy of the
   *plain, unbridged* HF model and left-padded batched ``generate`` (batch ``--batch-size``);
   the copy's time is reported apart and left out of the ratio;
-- **this project**: ``interp.overrejection.RoEvaluator`` on the bridged model (hooks, shared
-  prefix, layers below the sweep computed once, early stop with dropped rows).
+- **this project**: ``interp.overrejection.RoEvaluator`` on the bridged model (layers below the
+  sweep computed once through the bridge, shared prefix, then prefill and decode on the plain
+  twin with torch scaling hooks and grouped eager attention, early stop with dropped rows).
 
 Then a whole search (the upper and lower sweeps of ``interp.locate``): the baseline generating
 every configuration, this project's exact ``generation`` search, and its default ``prune`` search
@@ -119,7 +120,10 @@ def profile_evaluation(evaluator, layer_range, alpha) -> dict[str, float]:
         "total": total,
         "prefix + prefill (layers >= start)": prefill,
         "decode steps": decode,
-        "  of which matmuls (torch linear)": cumulative("linear", "") or own("linear"),
+        "  of which projections (torch linear)": sum(v[3] for (file, _, func), v in stats.items()
+                                                     if file == "~" and "_nn.linear" in func),
+        "  of which attention matmuls": sum(v[3] for (file, _, func), v in stats.items()
+                                            if file == "~" and func == "<built-in method torch.matmul>"),
         "  of which the LM head": sum(v[3] for (file, _, func), v in stats.items() if func == "last_logits"),
         "bridge hooks and wrappers (own time)": own("transformer_lens"),
         "judge + token decode (Python)": sum(v[3] for (file, _, func), v in stats.items()

@@ -17,6 +17,14 @@
   stream captured at ``blocks.{start}.hook_resid_pre`` (the decoder's layer list is cut for the
   call, so the model's own forward still builds the masks and rotary embeddings; TransformerLens's
   ``forward(start_at_layer=k)`` would still execute blocks ``0..k-1``).
+- **Which module tree.**  ``prefix_cache``, ``layers_from``, ``resume_from_layer`` and
+  ``last_logits`` take ``lm``: the causal LM to run, by default ``model.hf_model`` (bridged, its
+  hooks firing); ``RoEvaluator`` passes ``model.plain_twin()``, the unbridged tree sharing the
+  weights, where a torch pre-hook stands in for the bridge's ``hook_resid_pre``.
+- **Grouped attention.**  ``grouped_eager_attention`` is transformers' eager attention (soft-capping
+  included) without ``repeat_kv``: under grouped-query attention the query heads that share a
+  key/value head are stacked and multiplied with it once, instead of copying every key and value
+  head ``n_rep`` times (a seventh of a SmolLM2 decode step on a CPU).  The plain twin runs with it.
 """
 
 from __future__ import annotations
@@ -118,13 +126,56 @@ class PromptBatches:
         return len(self.prefix_ids)
 
 
+def decoder_of(model, lm: torch.nn.Module | None = None) -> torch.nn.Module:
+    """The decoder stack (no LM head) of ``lm``, or of ``model.hf_model`` by default."""
+    return model.decoder() if lm is None else lm.get_decoder()
+
+
+GROUPED_EAGER = "safety_layers_grouped_eager"
+
+
+def grouped_eager_attention(module, query: Float[Tensor, "batch head q d"], key: Float[Tensor, "batch kv k d"],
+                            value: Float[Tensor, "batch kv k d"], attention_mask: Tensor | None, dropout: float = 0.0,
+                            scaling: float | None = None, softcap: float | None = None, **kwargs):
+    """``eager_attention_forward`` of the supported families (Gemma-2's soft-capping included),
+    computing each key/value head's scores for its whole group of query heads in one matmul.  The
+    same arithmetic per element; on a CPU the scores of a one-token query may differ from eager's
+    in the last bit (a matrix kernel instead of a vector one), verdicts do not (tested)."""
+    if scaling is None:
+        scaling = module.head_dim**-0.5
+    batch, heads, q_len, dim = query.shape
+    kv_heads, k_len = key.shape[1], key.shape[2]
+    group = heads // kv_heads
+    scores = torch.matmul(query.reshape(batch, kv_heads, group * q_len, dim), key.transpose(2, 3))
+    weights = scores.view(batch, heads, q_len, k_len) * scaling
+    if softcap is not None:
+        weights = torch.tanh(weights / softcap) * softcap
+    if attention_mask is not None:
+        weights = weights + attention_mask
+    weights = torch.nn.functional.softmax(weights, dim=-1, dtype=torch.float32).to(query.dtype)
+    weights = torch.nn.functional.dropout(weights, p=dropout, training=module.training)
+    out = torch.matmul(weights.view(batch, kv_heads, group * q_len, k_len), value)
+    return out.view(batch, heads, q_len, dim).transpose(1, 2).contiguous(), weights
+
+
+def register_grouped_eager() -> str:
+    """Register ``grouped_eager_attention`` (and eager's mask) with transformers under
+    ``GROUPED_EAGER``; returns the name for ``config._attn_implementation``."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask
+
+    AttentionInterface.register(GROUPED_EAGER, grouped_eager_attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(GROUPED_EAGER, eager_mask)
+    return GROUPED_EAGER
+
+
 @torch.no_grad()
-def prefix_cache(model, prefix_ids: Int[Tensor, "pos"]) -> list[tuple[Tensor, Tensor]] | None:
+def prefix_cache(model, prefix_ids: Int[Tensor, "pos"], lm=None) -> list[tuple[Tensor, Tensor]] | None:
     """Every layer's keys and values for the shared prefix (one sequence), under whatever hooks
     are active; ``None`` for an empty prefix."""
     if len(prefix_ids) == 0:
         return None
-    out = model.decoder()(input_ids=prefix_ids[None].to(model.device), use_cache=True)
+    out = decoder_of(model, lm)(input_ids=prefix_ids[None].to(model.device), use_cache=True)
     return [(layer.keys, layer.values) for layer in out.past_key_values.layers]
 
 
@@ -203,11 +254,11 @@ class _Skip(torch.nn.Module):
 
 
 @contextmanager
-def layers_from(model, start: int) -> Iterator[None]:
+def layers_from(model, start: int, lm=None) -> Iterator[None]:
     """Temporarily replace the decoder's layers below ``start`` with pass-throughs (restored on
     exit).  The list keeps its length, so a model that picks each layer's attention mask by its
     index (Gemma-2, Qwen2: ``config.layer_types[i]``) still gives layer ``i`` its own mask."""
-    decoder = model.decoder()
+    decoder = decoder_of(model, lm)
     original = decoder.layers
     decoder.layers = torch.nn.ModuleList([_Skip() for _ in range(start)] + list(original)[start:])
     try:
@@ -216,25 +267,46 @@ def layers_from(model, start: int) -> Iterator[None]:
         decoder.layers = original
 
 
+@contextmanager
+def _injected(model, start: int, replace: Callable[[Tensor], Tensor], lm=None) -> Iterator[None]:
+    """``replace`` the residual entering layer ``start``: the bridge's ``hook_resid_pre``, or a
+    torch pre-hook on the layer of a plain ``lm`` (its first argument, or ``hidden_states``)."""
+    if lm is None:
+        with model.bridge.hooks(fwd_hooks=[(f"blocks.{start}.hook_resid_pre", lambda resid, hook: replace(resid))]):
+            yield
+        return
+
+    def pre_hook(module, args, kwargs):
+        if args:
+            return (replace(args[0]), *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": replace(kwargs["hidden_states"])}
+
+    handle = decoder_of(model, lm).layers[start].register_forward_pre_hook(pre_hook, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 @torch.no_grad()
 def resume_from_layer(model, resid_pre: Tensor, ids: Tensor, full_mask: Tensor, start: int, kv=None,
-                      use_cache: bool = False):
+                      use_cache: bool = False, lm=None):
     """Run layers ``start..L-1`` on ``resid_pre`` (the residual entering layer ``start`` at every
     position of ``ids``) and return the decoder output (``last_hidden_state`` has the final norm
-    applied).  Hooks on the bridge fire as usual."""
+    applied).  Hooks on the bridge fire as usual (with ``lm`` a plain twin: its torch hooks)."""
 
-    def inject(resid, hook):
+    def inject(resid):
         if resid.shape != resid_pre.shape:
             raise RuntimeError(f"cached residual {tuple(resid_pre.shape)} does not fit {tuple(resid.shape)}")
         return resid_pre.to(resid.dtype)
 
     kwargs = decoder_kwargs(model, ids, full_mask, kv)
     kwargs["use_cache"] = use_cache or kv is not None
-    with layers_from(model, start), model.bridge.hooks(fwd_hooks=[(f"blocks.{start}.hook_resid_pre", inject)]):
-        return model.decoder()(**kwargs)
+    with layers_from(model, start, lm), _injected(model, start, inject, lm):
+        return decoder_of(model, lm)(**kwargs)
 
 
 @torch.no_grad()
-def last_logits(model, hidden: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch vocab"]:
+def last_logits(model, hidden: Float[Tensor, "batch pos d_model"], lm=None) -> Float[Tensor, "batch vocab"]:
     """Next-token logits at the last position of a decoder output's hidden states."""
-    return model.hf_model.lm_head(hidden[:, -1])
+    return (model.hf_model if lm is None else lm).lm_head(hidden[:, -1])

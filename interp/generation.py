@@ -28,7 +28,15 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from interp.forward import PromptBatches, broadcast_cache, last_logits, position_ids, prefix_cache, run_decoder
+from interp.forward import (
+    PromptBatches,
+    broadcast_cache,
+    decoder_of,
+    last_logits,
+    position_ids,
+    prefix_cache,
+    run_decoder,
+)
 
 Decided = Callable[[str], bool]
 
@@ -62,11 +70,15 @@ def decode_greedy(
     *,
     max_new_tokens: int,
     decided: Decided | None = None,
+    lm: torch.nn.Module | None = None,
 ) -> list[tuple[list[int], str]]:
     """Continue a prefilled batch greedily.  ``logits``: ``[batch, vocab]`` next-token logits
     after the prompt; ``cache``: its KV cache; ``mask``: its attention mask (prefix included).
-    Returns ``(token_ids, stop)`` per row."""
+    ``lm``: the causal-LM module tree the steps run on (default ``model.hf_model``, bridge hooks
+    and all; ``RoEvaluator`` passes the scaled ``plain_twin``).  Returns ``(token_ids, stop)`` per
+    row."""
     tok, end_ids = model.tokenizer, set(model.end_token_ids)
+    decoder = decoder_of(model, lm)
     n = logits.shape[0]
     out: list[list[int]] = [[] for _ in range(n)]
     stops: list[str | None] = [None] * n
@@ -94,14 +106,14 @@ def decode_greedy(
             mask, next_ids = mask[select], next_ids[select]
             active = torch.tensor(keep, device=mask.device)
         mask = torch.cat([mask, mask.new_ones(len(keep), 1)], dim=1)
-        hidden = model.decoder()(
+        hidden = decoder(
             input_ids=next_ids[:, None],
             attention_mask=mask,
             position_ids=position_ids(mask)[:, -1:],
             past_key_values=cache,
             use_cache=True,
         ).last_hidden_state
-        next_ids = last_logits(model, hidden).argmax(-1)
+        next_ids = last_logits(model, hidden, lm).argmax(-1)
     return [(ids, stop or "length") for ids, stop in zip(out, stops)]
 
 

@@ -22,7 +22,13 @@ per-prompt verdicts identical to full greedy generation (tested):
 3. *Early stop*: each row stops as soon as its verdict is fixed (an end token, or the judge's
    ``decided``: a refusal phrase already in the text, or the judged window already passed), and
    finished rows leave the batch (``interp.generation.decode_greedy``).
-4. *The first-step estimate for free*: the prefill's next-token logits give the summed
+4. *No wrappers in the hot loop*: a configuration's prefill and decode steps run on
+   ``LoadedModel.plain_twin()``, the unbridged module tree sharing the weights, scaled by torch
+   hooks doing the bridge hooks' arithmetic (``scaling.scaled_twin``): the same tokens without
+   the bridge's per-module wrappers (about 10% of a decode step here; tested).  With another
+   bridge hook attached when ``evaluate`` starts, or no twin (offloaded weights), everything
+   stays on the bridge, so those hooks keep working.
+5. *The first-step estimate for free*: the prefill's next-token logits give the summed
    refusal-opener probability (``interp.estimate``), beside the generated count; without
    generation (``generate=False``) an evaluation costs one prefill.
 """
@@ -30,7 +36,7 @@ per-prompt verdicts identical to full greedy generation (tested):
 from __future__ import annotations
 
 import copy
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass
 
 import pandas as pd
@@ -53,7 +59,7 @@ from interp.forward import (
 from interp.generation import decode_greedy, generate_completions
 from interp.judge import DEFAULT_JUDGE
 from interp.ranges import check_layer, check_layers
-from interp.scaling import ALL_COMPONENTS, scaled
+from interp.scaling import ALL_COMPONENTS, hook_count, scaled, scaled_twin
 
 DATASET = "over_rejection"
 DEFAULT_MAX_NEW_TOKENS = 16
@@ -186,6 +192,18 @@ class RoEvaluator:
                              f"build it with start <= {layers[0]}")
         return layers
 
+    def _enter_scaled(self, stack: ExitStack, layers, alpha: float, components):
+        """Scale the configuration on the module tree it will run on (module docstring, point 4)
+        and return that tree for the ``lm`` arguments: the plain twin when no other bridge hook
+        is attached (it would not fire there), else ``None``: the bridged model, hooks and all."""
+        model = self.model
+        if hook_count(model.bridge) or model.plain_twin() is None:
+            stack.enter_context(scaling_context(model, layers, alpha, components))
+            return None
+        if layers is None:
+            return model.plain_twin()
+        return stack.enter_context(scaled_twin(model, layers, alpha, components))
+
     @torch.no_grad()
     def evaluate(self, layers=None, alpha: float = 1.0, components=ALL_COMPONENTS, generate: bool = True) -> RoResult:
         """R_o (and the first-step estimate) with ``layers`` scaled by ``alpha``."""
@@ -194,12 +212,14 @@ class RoEvaluator:
         logits_all: Tensor | None = None
         flags = torch.zeros(n, dtype=torch.bool) if generate else None
         texts: list[str] | None = [""] * n if generate else None
-        with scaling_context(model, layers, alpha, components):
-            kv = prefix_cache(model, self.prompts.prefix_ids)
+        with ExitStack() as stack:
+            lm = self._enter_scaled(stack, layers, alpha, components)
+            kv = prefix_cache(model, self.prompts.prefix_ids, lm)
             bar = tqdm(list(zip(self.prompts.batches, self._lower)), desc="R_o", disable=not self.progress)
             for batch, (resid, lower) in bar:
-                out = resume_from_layer(model, resid, batch.ids, batch.mask, self.start, kv, use_cache=generate)
-                logits = last_logits(model, out.last_hidden_state)
+                out = resume_from_layer(model, resid, batch.ids, batch.mask, self.start, kv, use_cache=generate,
+                                        lm=lm)
+                logits = last_logits(model, out.last_hidden_state, lm)
                 if logits_all is None:
                     logits_all = logits.new_empty(n, logits.shape[-1])
                 logits_all[torch.tensor(batch.index, device=logits.device)] = logits
@@ -209,7 +229,7 @@ class RoEvaluator:
                 for i, layer in enumerate(lower):
                     cache.layers[i] = copy.copy(layer)
                 rows = decode_greedy(model, logits, cache, batch.mask, max_new_tokens=self.max_new_tokens,
-                                     decided=self.judge.decided)
+                                     decided=self.judge.decided, lm=lm)
                 for i, (ids, _) in zip(batch.index, rows):
                     texts[i] = model.tokenizer.decode(ids, skip_special_tokens=True).strip()
                     flags[i] = self.judge.is_refusal(texts[i])

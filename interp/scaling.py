@@ -146,6 +146,48 @@ def scaled(model, layers, alpha: float, components=ALL_COMPONENTS) -> Iterator[o
         yield model
 
 
+def _twin_hook(alpha: float, bias: Tensor | None, rows: slice):
+    """A torch forward hook doing ``_scale_hook``'s arithmetic on a plain ``nn.Linear``'s output
+    (on the component's row block only, for a fused projection)."""
+    scale = _scale_hook(alpha, bias)
+
+    def hook(module, args, out: Tensor) -> Tensor:
+        if rows == slice(None):
+            return scale(out, None)
+        out = out.clone()
+        out[..., rows] = scale(out[..., rows], None)
+        return out
+
+    return hook
+
+
+@contextmanager
+def scaled_twin(model, layers, alpha: float, components=ALL_COMPONENTS) -> Iterator[torch.nn.Module]:
+    """``scaled`` for ``model.plain_twin()``, the unbridged module tree that shares the model's
+    weights: the same ``α (y − b) + b`` on each projection's output, by torch forward hooks on its
+    ``nn.Linear`` modules (bridge hook points do not exist there).  Yields the twin; raises
+    ``ValueError`` for a model that has none (offloaded weights).  Same checks as ``scaled``; every
+    hook is removed on exit."""
+    twin = model.plain_twin()
+    if twin is None:
+        raise ValueError("this model has no plain twin (offloaded weights); use scaled()")
+    alpha = check_alpha(alpha)
+    layers = check_layers(layers, model.n_layers)
+    components = check_components(components)
+    handles = []
+    try:
+        if alpha != 1.0:
+            for i in layers:
+                for c in components:
+                    module = twin.get_submodule(model.arch.projection_weight(i, c)[: -len(".weight")])
+                    hook = _twin_hook(alpha, projection_bias(model, i, c), model.arch.row_slice(model.config, c))
+                    handles.append(module.register_forward_hook(hook))
+        yield twin
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 @torch.no_grad()
 def scale_weights_(hf_model: torch.nn.Module, layers, alpha: float, components=ALL_COMPONENTS) -> torch.nn.Module:
     """The paper's way, in place on a plain (unbridged) HF model of any supported family: multiply

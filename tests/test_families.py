@@ -11,7 +11,9 @@ weights (or on names and row blocks written out here, not read from the table):
 - ``run_with_cache`` gives one ``hook_resid_post`` per layer, equal to HF's hidden states;
 - the batched last-token capture equals one-prompt ``output_hidden_states``;
 - scaling hooks equal multiplied weights (fused Phi-3 row blocks, Qwen2 biases left alone);
-- ``RoEvaluator`` gives the texts and verdicts of plain greedy generation of the weight-scaled copy;
+- the plain twin shares the parameters, and its torch scaling hooks equal multiplied weights;
+- ``RoEvaluator`` (decoding on the twin) gives the texts and verdicts of plain greedy generation
+  of the weight-scaled copy;
 - SPPFT through ``finetune.train`` (one AdamW step, weight decay 0.1), with the bridge booted
   and without, keeps exactly the frozen layer's attention and MLP parameters bit-identical and
   moves every other parameter;
@@ -321,6 +323,32 @@ def test_scaling_hooks_equal_weight_scaling(family, bridged, plain, layers, alph
     torch.testing.assert_close(got_bridge, expected, **tolerances(bridged.dtype))
     torch.testing.assert_close(logits_at_real_tokens(bridged.hf_model, batch), unscaled,
                                **tolerances(bridged.dtype))  # the hooks are gone
+
+
+@pytest.mark.parametrize("layers,alpha,components", SCALING_CASES,
+                         ids=[f"{c[0]}-{c[1]}-{'+'.join(c[2])}" for c in SCALING_CASES])
+def test_plain_twin_shares_the_weights_and_its_torch_hooks_equal_weight_scaling(family, bridged, plain, layers,
+                                                                                alpha, components):
+    """``plain_twin`` (the unbridged tree R_o decodes on) holds the model's own parameter objects
+    (fused Phi-3 weights included, no copies), computes the plain model's logits, and
+    ``scaled_twin``'s torch hooks give the weight-scaled copy's logits, then leave no hook behind."""
+    from interp.scaling import scaled_twin
+
+    twin = bridged.plain_twin()
+    assert twin is not bridged.hf_model
+    twin_params = dict(twin.named_parameters(remove_duplicate=False))
+    assert set(twin_params) == set(bridged.hf_parameters)
+    assert all(twin_params[n] is p for n, p in bridged.hf_parameters.items())
+    batch = bridged.encode(PROMPTS)
+    torch.testing.assert_close(logits_at_real_tokens(twin, batch), logits_at_real_tokens(plain, batch),
+                               **tolerances(bridged.dtype))
+    layer_list = layers.layers if isinstance(layers, LayerRange) else layers
+    expected = logits_at_real_tokens(reference_scaled(plain, family, layer_list, alpha, components), batch)
+    with scaled_twin(bridged, layers, alpha, components) as scaled_model:
+        assert scaled_model is twin
+        got = logits_at_real_tokens(twin, batch)
+    torch.testing.assert_close(got, expected, **tolerances(bridged.dtype))
+    assert not any(m._forward_hooks for m in twin.modules())
 
 
 def test_scaling_hooks_leave_projection_biases_alone(family, bridged, plain):

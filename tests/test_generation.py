@@ -183,3 +183,30 @@ def test_generation_ignores_sampling_settings_of_the_model(untied):
     reference = [reference_greedy(untied, q, 12) for q in queries]
     assert got == reference
     assert leaked[:, batch["input_ids"].shape[1]:].tolist() != reference  # the check has teeth
+
+
+@pytest.mark.parametrize("q_len,k_len", [(1, 9), (5, 5), (3, 11)])
+@pytest.mark.parametrize("softcap", [None, 20.0])
+def test_grouped_eager_attention_equals_transformers_eager(q_len, k_len, softcap):
+    """The plain twin's attention against transformers' own eager one (Gemma-2's, which has
+    soft-capping; the other families' differ only in lacking it), with a causal mask, grouped
+    query heads (8 query heads over 2 key/value heads) and a padded row."""
+    from types import SimpleNamespace
+
+    from transformers.models.gemma2.modeling_gemma2 import eager_attention_forward
+
+    from interp.forward import grouped_eager_attention
+
+    torch.manual_seed(0)
+    module = SimpleNamespace(num_key_value_groups=4, head_dim=16, training=False)
+    query = torch.randn(2, 8, q_len, 16)
+    key, value = torch.randn(2, 2, k_len, 16), torch.randn(2, 2, k_len, 16)
+    low = torch.finfo(torch.float32).min  # what transformers' eager mask uses
+    mask = torch.zeros(2, 1, q_len, k_len)
+    mask[:, :, :, k_len - q_len:] = torch.triu(torch.full((q_len, q_len), low), diagonal=1)
+    mask[1, :, :, :2] = low  # a left-padded row
+    expected_out, expected_w = eager_attention_forward(module, query, key, value, mask, scaling=0.25, softcap=softcap)
+    out, weights = grouped_eager_attention(module, query, key, value, mask, scaling=0.25, softcap=softcap)
+    torch.testing.assert_close(out, expected_out, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(weights, expected_w, atol=1e-6, rtol=1e-5)
+    assert out.shape == (2, q_len, 8, 16)

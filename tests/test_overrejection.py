@@ -129,6 +129,30 @@ def test_evaluator_on_real_weights_agrees_with_full_generation_and_stops_early(e
     assert 0 < sum(expected) < len(expected)
 
 
+def test_evaluator_decodes_on_the_twin_unless_another_bridge_hook_is_attached(tiny):
+    """The decode steps run on the plain twin (bridge wrappers skipped); a user's own bridge hook,
+    which would not fire there, keeps them on the bridge, where it sees every step."""
+    evaluator = RoEvaluator(tiny, QUERIES[:4], start=1, batch_size=4)
+    twin_calls, bridge_steps = [], []
+    handle = tiny.plain_twin().get_decoder().register_forward_hook(lambda m, a, out: twin_calls.append(1))
+    try:
+        plain = evaluator.evaluate(LayerRange(2, 3), 1.8)
+        assert twin_calls  # decoded on the twin
+        twin_calls.clear()
+
+        def watch(resid, hook):
+            if resid.shape[1] == 1:
+                bridge_steps.append(1)
+
+        with tiny.bridge.hooks(fwd_hooks=[(f"blocks.{tiny.n_layers - 1}.hook_resid_post", watch)]):
+            hooked = evaluator.evaluate(LayerRange(2, 3), 1.8)
+    finally:
+        handle.remove()
+    assert not twin_calls and bridge_steps
+    assert hooked.texts == plain.texts and torch.equal(hooked.flags, plain.flags)
+    assert hook_count(tiny.bridge) == 0
+
+
 def test_evaluator_refuses_layers_below_start(tiny):
     evaluator = RoEvaluator(tiny, QUERIES[:3], start=2)
     with pytest.raises(ValueError, match="start <= 1"):
