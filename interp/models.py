@@ -179,12 +179,17 @@ class LoadedModel:
         copies about 15%).
         Built once, on the meta device, then given the recorded tensors.  ``hf_model`` itself while
         the bridge is off; ``None`` for a model with offloaded (meta) weights, which only its
-        accelerate hooks can run.  Bridge hooks do not fire in it (``interp.scaling.scaled_twin``
+        accelerate hooks can run, or one that is not a plain transformers model (a PEFT wrapper).
+        Bridge hooks do not fire in it (``interp.scaling.scaled_twin``
         scales it)."""
         if self._bridge is None:
             return self.hf_model
         if self._twin is None:
-            if any(p.is_meta for p in self.hf_parameters.values()) or getattr(self.hf_model, "hf_device_map", None):
+            from transformers import PreTrainedModel
+
+            params = self.hf_parameters.values()
+            offloaded = any(p.is_meta for p in params) or getattr(self.hf_model, "hf_device_map", None)
+            if offloaded or not isinstance(self.hf_model, PreTrainedModel):  # e.g. a PEFT wrapper
                 return None
             from interp.forward import register_grouped_eager
 
