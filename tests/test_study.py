@@ -326,19 +326,20 @@ def test_run_study_writes_runs_resumes_and_reruns_on_new_settings(tiny_dir, tmp_
 
 
 def _bootstrap_by_hand(flags: list[list[bool]], n_boot: int = 2000, seed: int = 0) -> tuple[float, float]:
-    """The two-level bootstrap of ``interp.stats.seeds_interval`` written out with loops: each
-    replicate draws seeds with replacement, then requests with replacement within each drawn seed,
-    and takes the mean; the interval is the 2.5 and 97.5 percentiles (same random stream)."""
+    """The crossed bootstrap of ``interp.stats.seeds_interval`` written out with loops: each
+    replicate draws seeds with replacement and one set of requests with replacement, scores every
+    drawn seed on those requests, and takes the mean; the interval is the 2.5 and 97.5
+    percentiles (same random stream)."""
     n_seeds, n_req = len(flags), len(flags[0])
     rng = np.random.default_rng(seed)
     seed_draws = rng.integers(0, n_seeds, size=(n_boot, n_seeds))
-    req_draws = rng.integers(0, n_req, size=(n_boot, n_seeds, n_req))
+    req_draws = rng.integers(0, n_req, size=(n_boot, n_req))
     boots = []
     for b in range(n_boot):
         total = 0.0
         for i in range(n_seeds):
             row = flags[seed_draws[b, i]]
-            total += sum(float(row[req_draws[b, i, j]]) for j in range(n_req))
+            total += sum(float(row[req_draws[b, j]]) for j in range(n_req))
         boots.append(total / (n_seeds * n_req))
     boots.sort()
 
@@ -406,6 +407,22 @@ def test_summarise_interval_is_degenerate_when_every_seed_agrees():
                          quality={"rouge_l": 0.0, "completion_loss": 1.0}) for s in range(2)]
     final, _ = summarise(records, {"dose": {n: [False] for n in HARMFUL_SETS}})
     assert (final["R_h"] == 1.0).all() and (final["lo"] == 1.0).all() and (final["hi"] == 1.0).all()
+
+
+def test_repeating_a_seed_does_not_narrow_the_interval():
+    """Three identical seeds carry the information of one (the paper settings' full-batch steps
+    give exactly that): the interval must stay as wide as one seed's request bootstrap, and a
+    seed that differs must widen it."""
+    from interp.stats import seeds_interval
+
+    rng = np.random.default_rng(3)
+    one = [bool(x) for x in rng.random(200) < 0.4]
+    single = seeds_interval([one], n_boot=4000)
+    tripled = seeds_interval([one, one, one], n_boot=4000)
+    assert tripled["hi"] - tripled["lo"] == pytest.approx(single["hi"] - single["lo"], rel=0.1)
+    other = [bool(x) for x in rng.random(200) < 0.7]
+    mixed = seeds_interval([one, one, other], n_boot=4000)
+    assert mixed["hi"] - mixed["lo"] > 1.5 * (single["hi"] - single["lo"])
 
 
 def test_audit_table_matches_a_hand_computation():
