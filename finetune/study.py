@@ -24,7 +24,7 @@ Modes (``MODES``):
   ``full@sppft_lr``, so the learning rate's share of any "protection" is measured.
 
 ``summarise(runs)`` pools the seeds: per set, mode and step the mean R_h with a 95% interval from a
-two-level bootstrap over seeds and requests (``interp.stats.seeds_interval``).
+crossed bootstrap over seeds and requests (``interp.stats.seeds_interval``).
 """
 
 from __future__ import annotations

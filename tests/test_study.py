@@ -7,7 +7,7 @@
 - the ablation and ``critical`` modes freeze SPPFT's parameter budget;
 - ``run_study`` writes one run file per run, resumes finished runs (also for a study selecting a
   subset of them) and re-runs when a training setting changes;
-- ``summarise``/``audit_table`` reproduce a hand computation (the two-level bootstrap re-done
+- ``summarise``/``audit_table`` reproduce a hand computation (the crossed bootstrap re-done
   with explicit loops);
 - ``StudyConfig.lr_for`` gives the official learning rates and the reverse-control overrides.
 """
