@@ -24,9 +24,10 @@ per-prompt verdicts identical to full greedy generation (tested):
    finished rows leave the batch (``interp.generation.decode_greedy``).
 4. *No wrappers in the hot loop*: a configuration's prefill and decode steps run on
    ``LoadedModel.plain_twin()``, the unbridged module tree sharing the weights, scaled by torch
-   hooks doing the bridge hooks' arithmetic (``scaling.scaled_twin``): the same tokens without
-   the bridge's per-module wrappers (about 10% of a decode step here; tested).  With another
-   bridge hook attached when ``evaluate`` starts, or no twin (offloaded weights), everything
+   hooks doing the bridge hooks' arithmetic (``scaling.scaled_twin``), with the twin's grouped
+   eager attention: the same tokens without the bridge's per-module wrappers or copied key/value
+   heads (about 10% and 15% of a SmolLM2 decode step on a CPU; tested).  With another bridge hook
+   attached when ``evaluate`` starts, or no twin (offloaded weights, a PEFT wrapper), everything
    stays on the bridge, so those hooks keep working.
 5. *The first-step estimate for free*: the prefill's next-token logits give the summed
    refusal-opener probability (``interp.estimate``), beside the generated count; without
