@@ -198,12 +198,12 @@ class RoEvaluator:
         and return that tree for the ``lm`` arguments: the plain twin when no other bridge hook
         is attached (it would not fire there), else ``None``: the bridged model, hooks and all."""
         model = self.model
-        if hook_count(model.bridge) or model.plain_twin() is None:
+        twin = None if hook_count(model.bridge) else model.plain_twin()
+        if twin is None:
             stack.enter_context(scaling_context(model, layers, alpha, components))
-            return None
-        if layers is None:
-            return model.plain_twin()
-        return stack.enter_context(scaled_twin(model, layers, alpha, components))
+        elif layers is not None:
+            stack.enter_context(scaled_twin(model, layers, alpha, components))
+        return twin
 
     @torch.no_grad()
     def evaluate(self, layers=None, alpha: float = 1.0, components=ALL_COMPONENTS, generate: bool = True) -> RoResult:

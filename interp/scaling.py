@@ -117,19 +117,21 @@ def _scale_hook(alpha: float, bias: Tensor | None):
     return hook
 
 
-def scaling_hooks(model, layers, alpha: float, components=ALL_COMPONENTS) -> list[tuple[str, object]]:
-    """``(hook_name, fn)`` pairs that scale ``components`` of ``layers`` by ``alpha``
-    (empty when α is 1: the unscaled model needs no hooks)."""
+def _scaled_projections(model, layers, alpha: float, components) -> list[tuple[int, str, object]]:
+    """``(layer, component, fn)`` for each projection to scale, ``fn`` doing ``_scale_hook``'s
+    arithmetic; every argument checked first (empty when α is 1: the unscaled model needs no hooks)."""
     alpha = check_alpha(alpha)
     layers = check_layers(layers, model.n_layers)
     components = check_components(components)
     if alpha == 1.0:
         return []
-    return [
-        (hook_name(i, c), _scale_hook(alpha, projection_bias(model, i, c)))
-        for i in layers
-        for c in components
-    ]
+    return [(i, c, _scale_hook(alpha, projection_bias(model, i, c))) for i in layers for c in components]
+
+
+def scaling_hooks(model, layers, alpha: float, components=ALL_COMPONENTS) -> list[tuple[str, object]]:
+    """``(hook_name, fn)`` pairs that scale ``components`` of ``layers`` by ``alpha``
+    (empty when α is 1: the unscaled model needs no hooks)."""
+    return [(hook_name(i, c), fn) for i, c, fn in _scaled_projections(model, layers, alpha, components)]
 
 
 @contextmanager
@@ -146,10 +148,9 @@ def scaled(model, layers, alpha: float, components=ALL_COMPONENTS) -> Iterator[o
         yield model
 
 
-def _twin_hook(alpha: float, bias: Tensor | None, rows: slice):
-    """A torch forward hook doing ``_scale_hook``'s arithmetic on a plain ``nn.Linear``'s output
-    (on the component's row block only, for a fused projection)."""
-    scale = _scale_hook(alpha, bias)
+def _twin_hook(scale, rows: slice):
+    """A torch forward hook applying ``scale`` (a ``_scale_hook``) to a plain ``nn.Linear``'s
+    output (on the component's row block only, for a fused projection)."""
 
     def hook(module, args, out: Tensor) -> Tensor:
         if rows == slice(None):
@@ -166,22 +167,18 @@ def scaled_twin(model, layers, alpha: float, components=ALL_COMPONENTS) -> Itera
     """``scaled`` for ``model.plain_twin()``, the unbridged module tree that shares the model's
     weights: the same ``α (y − b) + b`` on each projection's output, by torch forward hooks on its
     ``nn.Linear`` modules (bridge hook points do not exist there).  Yields the twin; raises
-    ``ValueError`` for a model that has none (offloaded weights).  Same checks as ``scaled``; every
-    hook is removed on exit."""
+    ``ValueError`` for a model that has none (offloaded weights, a PEFT wrapper).  Same checks as
+    ``scaled``; every hook is removed on exit."""
     twin = model.plain_twin()
     if twin is None:
-        raise ValueError("this model has no plain twin (offloaded weights); use scaled()")
-    alpha = check_alpha(alpha)
-    layers = check_layers(layers, model.n_layers)
-    components = check_components(components)
+        raise ValueError("this model has no plain twin (offloaded weights or a PEFT wrapper); use scaled()")
+    projections = _scaled_projections(model, layers, alpha, components)
     handles = []
     try:
-        if alpha != 1.0:
-            for i in layers:
-                for c in components:
-                    module = twin.get_submodule(model.arch.projection_weight(i, c)[: -len(".weight")])
-                    hook = _twin_hook(alpha, projection_bias(model, i, c), model.arch.row_slice(model.config, c))
-                    handles.append(module.register_forward_hook(hook))
+        for i, c, scale in projections:
+            module = twin.get_submodule(model.arch.projection_weight(i, c)[: -len(".weight")])
+            hook = _twin_hook(scale, model.arch.row_slice(model.config, c))
+            handles.append(module.register_forward_hook(hook))
         yield twin
     finally:
         for handle in handles:
