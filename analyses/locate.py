@@ -7,8 +7,9 @@
 
 R_o is the number of over-rejection queries (all 731 of D_o, or ``--limit`` of them) the scaled
 model refuses, greedy with ``--max-new-tokens`` (16, the paper's code), judged by
-``interp.judge``.  The initial range is ``--init``, or the suggestion of the existence analysis
-(``--init-from``).  ``--method`` (``interp.ro_search``): ``prune`` (default; generated R_o, with
+``interp.judge``.  The initial range is ``--init``, or from an existence analysis (``--init-from``):
+the band where the aligned model's paired gap exceeds the base model's on validation pairs when
+the file holds one (the wording control), else the unpaired onset rule's suggestion.  ``--method`` (``interp.ro_search``): ``prune`` (default; generated R_o, with
 candidates the first-step bound proves cannot win skipped), ``generation`` (every candidate
 generated), ``fast`` (first-step estimate, ``--keep`` best per sweep generated) or ``estimate``.
 ``--choose-alpha`` applies the paper's α rule (steps of ``--alpha-step`` away from 1 until the std
@@ -63,8 +64,13 @@ def parse_offsets(text: str | None):
 
 
 def initial_from_existence(path: str | Path, spec: str | None = None) -> LayerRange:
-    """The suggested initial range in an ``analyses.existence`` JSON (the entry for ``spec`` if
-    there is one, else the first model's)."""
+    """The initial range from an ``analyses.existence`` JSON (the entry for ``spec`` if there is
+    one, else the first model's).
+
+    Wording-controlled first: the band where the model's paired gap exceeds the compared model's,
+    when the file holds a paired comparison made on pairs other than the test pairs (a test split
+    chooses nothing).  Otherwise the unpaired onset rule's suggestion (the paper's start), whose
+    harmful and benign sets also differ in wording."""
     path = Path(path)
     if not path.is_file():
         raise UsageError(f"no existence result at {path}; run `python -m analyses.existence` or pass --init START,END")
@@ -76,22 +82,22 @@ def initial_from_existence(path: str | Path, spec: str | None = None) -> LayerRa
     if not models:
         raise UsageError(f"{path} holds no 'models' entries: not an existence-analysis result")
     entry = next((m for m in models if m.get("model") == spec), models[0])
+    band = paired_band(data, entry.get("model"))
+    part = (data.get("config") or {}).get("pairs_part", "test")
+    if band is not None and part != "test":
+        print(f"{path}: starting from the layers where the paired gap of {entry.get('model')} exceeds the base "
+              f"model's ({part} pairs): [{band[0]},{band[1]}]")
+        return LayerRange(int(band[0]), int(band[1]))
     suggestion = (entry.get("suggested_range") or {}).get("range")
     if suggestion is not None:
         return LayerRange(int(suggestion[0]), int(suggestion[1]))
     reason = (entry.get("suggested_range") or {}).get("reason", "no reason recorded")
-    band = paired_band(data, entry.get("model"))
     if band is None:
         raise LayerRangeError(f"{path}: the existence analysis suggested no range for {entry.get('model')} "
                               f"({reason}) and holds no paired comparison to fall back on; pass --init START,END")
-    part = (data.get("config") or {}).get("pairs_part", "test")
-    if part == "test":
-        raise LayerRangeError(f"{path}: no unpaired suggestion for {entry.get('model')}, and its paired band comes "
-                              "from the test pairs, which may not choose anything; re-run the existence analysis "
-                              "with --pairs-part validation, or pass --init START,END")
-    print(f"{path}: no unpaired suggestion for {entry.get('model')} ({reason}); starting from the layers where its "
-          f"paired gap exceeds the base model's ({part} pairs): [{band[0]},{band[1]}]")
-    return LayerRange(int(band[0]), int(band[1]))
+    raise LayerRangeError(f"{path}: no unpaired suggestion for {entry.get('model')} ({reason}), and its paired band "
+                          "comes from the test pairs, which may not choose anything; re-run the existence analysis "
+                          "with --pairs-part validation, or pass --init START,END")
 
 
 def paired_band(data: dict, model: str | None) -> list[int] | None:

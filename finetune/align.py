@@ -16,7 +16,11 @@ XSTest.  ``check_no_near_copies`` refuses to train if a training prompt's word s
 evaluation prompt's by more than 0.8 (Jaccard).
 
 **Method.**  Stage 1 is supervised fine-tuning of a LoRA adapter (PEFT, rank ``--rank`` on every
-projection of every layer; transformers' ``Trainer``; loss on the answers only).  Stage 2
+projection of every layer; transformers' ``Trainer``; loss on the answers only).  Two knobs weigh
+the decision to refuse or answer: ``--sft-answer-tokens N`` trains on the first N tokens of each
+base answer (``cut_answer``: a whole 64-token answer puts 1/64 of its loss on the first tokens,
+where the decision is made, against a refusal's whole loss), and ``--pair-weight K`` repeats the
+paired train rows (both sides: the only rows where wording cannot tell harm) K times.  Stage 2
 (``--method sft+dpo``) is preference training with TRL's ``DPOTrainer`` on top of the merged
 stage-1 model: for harmful requests the refusal is preferred to the base model's own answer, for
 benign ones the base answer to a refusal; its LoRA's reference model is the stage-1 model (the
@@ -205,6 +209,21 @@ def _best_epoch(log: list[dict]) -> dict:
     return max(log, key=lambda row: (row["score"], -row["step"]))  # ties: the earlier checkpoint
 
 
+def sft_rows(prompts: dict[str, list[str]], answers: dict[str, str], seed: int = 0,
+             pair_weight: int = 1) -> list[tuple[str, str, str]]:
+    """Stage 1's ``(query, completion, kind)`` rows, shuffled: each answer-role prompt with the base
+    model's answer (empty answers dropped), each refuse-role prompt with a seeded refusal, and
+    the paired train rows (either side) ``pair_weight`` times in all."""
+    if pair_weight < 1:
+        raise ValueError(f"pair_weight must be at least 1, got {pair_weight}")
+    rows = [(q, answers[q], "answer") for q in prompts["answer"] if answers[q].strip()]
+    rows += [(q, a, "refuse") for q, a in refusal_pairs(prompts["refuse"], seed)]
+    paired = {q for p in load_pairs("train") for q in (p.harmful, p.benign)}
+    rows += [row for row in rows if row[0] in paired] * (pair_weight - 1)
+    random.Random(seed).shuffle(rows)
+    return rows
+
+
 def sft_stage(model, answers: dict[str, str], args, folder: Path) -> dict:
     """Stage 1 (module docstring): train, validate each epoch, keep the best epoch's adapter."""
     from peft import get_peft_model, set_peft_model_state_dict
@@ -213,11 +232,11 @@ def sft_stage(model, answers: dict[str, str], args, folder: Path) -> dict:
     from finetune.data import tokenize
     from finetune.train import pad_collate
 
-    prompts = training_prompts(args.limit)
-    rows = [(q, answers[q], "answer") for q in prompts["answer"] if answers[q].strip()]
-    rows += [(q, a, "refuse") for q, a in refusal_pairs(prompts["refuse"], args.seed)]
-    random.Random(args.seed).shuffle(rows)
+    rows = sft_rows(training_prompts(args.limit), answers, args.seed, args.pair_weight)
     examples = [dict(zip(("prompt", "completion"), _chat(model.tokenizer, q, a)), kind=k) for q, a, k in rows]
+    if args.sft_answer_tokens:
+        examples = [cut_answer(model.tokenizer, ex, args.sft_answer_tokens) if ex["kind"] == "answer" else ex
+                    for ex in examples]
     dataset = tokenize(examples, model.tokenizer, max_length=192)
     torch.manual_seed(args.seed)
     peft_model = get_peft_model(model.hf_model, _lora_config(model, args.rank))
@@ -292,6 +311,19 @@ def dpo_stage(model, answers: dict[str, str], base_answers: dict[str, str], args
     trainer.model.unload()
     return {"pairs": len(rows), "validation": log, "chosen_epoch": best["epoch"], "beta": args.beta,
             "history": trainer.state.log_history}
+
+
+def cut_answer(tokenizer, example: dict, tokens: int) -> dict:
+    """``example`` with its completion cut to its first ``tokens`` tokens, without the end marker
+    when it was cut (the model must not learn to stop mid-answer).
+
+    Why: the SFT loss is a mean over tokens, so a 64-token answer puts 1/64 of its weight on the
+    first tokens, where answering or refusing is decided, while a 20-token refusal puts all of its
+    weight on refusing.  Cut answers weigh the decision evenly (``--sft-answer-tokens``)."""
+    ids = tokenizer(example["completion"], add_special_tokens=False)["input_ids"]
+    if len(ids) <= tokens:
+        return example
+    return {**example, "completion": tokenizer.decode(ids[:tokens])}
 
 
 def _chat(tokenizer, query: str, answer: str) -> tuple[str, str]:
@@ -389,7 +421,7 @@ def adapter_card(record: dict) -> str:
         "`embedded-base` is the same weights without it." % (record["settings"]["rank"] * (2 if record["method"] == "sft+dpo" else 1),
                                                             record["method"]),
         "", "Made by `%s` (%.0f s on CPU); every setting, the data hashes and each stage's validation "
-        "are in `recipe.json`." % (record["recipe"], record["seconds_total"]), "",
+        "are in `recipe.json`." % (record["recipe"], record.get("train_seconds") or record["seconds_total"]), "",
         "Knobs were chosen on the validation rows only: %s" % record["selection"], "",
         "| stage | step | paired harmful refused | paired benign answered | borderline answered | score |",
         "|---|---|---|---|---|---|",
@@ -413,8 +445,8 @@ def main(argv=None):
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=cache_dir() / ALIGNED_ADAPTER)
-    parser.add_argument("--method", default="sft+dpo", choices=METHODS)
-    parser.add_argument("--epochs", type=int, default=3, help="stage-1 epochs (each one validated)")
+    parser.add_argument("--method", default="sft", choices=METHODS)
+    parser.add_argument("--epochs", type=int, default=4, help="stage-1 epochs (each one validated)")
     parser.add_argument("--lr", type=float, default=3e-4)
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--dpo-epochs", type=int, default=1)
@@ -428,6 +460,10 @@ def main(argv=None):
     parser.add_argument("--dpo-eval-every", type=int, default=26,
                         help="validate (and checkpoint) the DPO stage every N steps; 0: once per epoch")
     parser.add_argument("--answer-tokens", type=int, default=64)
+    parser.add_argument("--pair-weight", type=int, default=3,
+                        help="how many times each paired train row (both sides) appears in the SFT data")
+    parser.add_argument("--sft-answer-tokens", type=int, default=16,
+                        help="SFT on the first N tokens of each answer only (cut_answer); 0: whole answers")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--base", default="embedded-base", help="the model to align (a tiny one for tests)")
     parser.add_argument("--limit", type=int, default=None, help="N prompts per role and validation set (smoke test)")
@@ -445,7 +481,8 @@ def main(argv=None):
     base_scores = validation_scores(base, limit=args.limit)
     print(f"validation of the base model: {base_scores}", flush=True)
 
-    sft_settings = {k: getattr(args, k) for k in ("epochs", "lr", "rank", "answer_tokens", "seed", "base", "limit")}
+    sft_settings = {k: getattr(args, k) for k in ("epochs", "lr", "rank", "answer_tokens", "sft_answer_tokens",
+                                                  "pair_weight", "seed", "base", "limit")}
     sft = _stage_done(parts / "sft", sft_settings)
     if sft is None:
         sft = {"settings": sft_settings, **sft_stage(base, answers, args, parts / "sft")}
@@ -486,12 +523,18 @@ def main(argv=None):
         "selection": "per stage, the epoch with the best mean of the three validation rates; then the stage with "
                      "the better best epoch (ties: sft). No test half, D_o or XSTest prompt is used.",
         "best_validation": best,
-        "alternatives": [{"settings": {k: v for k, v in alt["settings"].items() if k.startswith(("dpo", "beta"))},
-                          "best_validation": alt["best_validation"]}
+        "alternatives": [{"settings": {k: v for k, v in alt["settings"].items()
+                                       if k not in ("out", "ship", "alternative", "base", "limit")},
+                          "best_validation": alt["best_validation"],
+                          "validation": {name: [{k: row[k] for k in ("epoch", "paired_harmful", "paired_benign",
+                                                                      "borderline", "score")} for row in stage["validation"]]
+                                         for name, stage in alt["stages"].items()}}
                          for alt in (json.loads(Path(a).read_text()) for a in args.alternative)],
         "stages": {name: {k: v for k, v in stage.items() if k != "history"} for name, stage in stages.items()},
         "adapter_bytes": size,
-        "seconds_total": round(time.time() - start, 1),
+        "seconds_total": round(time.time() - start, 1),  # this run's; a resumed run reuses finished stages
+        "train_seconds": round(sum(row.get("train_runtime", 0) for stage in stages.values()
+                                   for row in stage.get("history", [])), 1),
         "versions": versions(),
     }
     (args.out / "recipe.json").write_text(json.dumps(record, indent=2, default=str))

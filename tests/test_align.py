@@ -11,8 +11,10 @@ import torch
 from finetune.align import (
     candidate_prompts,
     combine_adapters,
+    cut_answer,
     evaluation_prompts,
     near_copies,
+    sft_rows,
     training_prompts,
     validation_prompts,
 )
@@ -87,6 +89,39 @@ def test_combined_adapter_is_the_exact_sum(tiny_dir, tmp_path):
         combine_adapters(AutoModelForCausalLM.from_pretrained(tiny_dir), [tmp_path / "a"], [1.0, 1.0], tmp_path / "x")
 
 
+def test_cut_answers_keep_their_first_tokens_and_lose_the_end_marker():
+    """--sft-answer-tokens: a cut answer is its first N tokens with no end-of-turn marker (the
+    model must not learn to stop mid-answer); an answer within N tokens is left whole."""
+    from finetune.align import _chat
+    from tests.conftest import embedded_tokenizer
+
+    tokenizer = embedded_tokenizer()
+    long = dict(zip(("prompt", "completion"), _chat(tokenizer, "How do I bake bread?",
+                "Mix flour, water, salt and yeast in a large bowl, knead it for ten minutes, then let it rise.")))
+    cut = cut_answer(tokenizer, long, 6)
+    ids = tokenizer(long["completion"], add_special_tokens=False)["input_ids"]
+    assert tokenizer(cut["completion"], add_special_tokens=False)["input_ids"] == ids[:6]
+    assert "<|im_end|>" in long["completion"] and "<|im_end|>" not in cut["completion"]
+    assert cut["prompt"] == long["prompt"]
+    short = dict(zip(("prompt", "completion"), _chat(tokenizer, "Hi?", "Hello.")))
+    assert cut_answer(tokenizer, short, 6) == short
+
+
+def test_pair_weight_repeats_exactly_the_paired_rows(prompts):
+    answers = {q: f"answer to {q}" for q in prompts["answer"]}
+    once, thrice = sft_rows(prompts, answers), sft_rows(prompts, answers, pair_weight=3)
+    paired = {q for p in load_pairs("train") for q in (p.harmful, p.benign)}
+    assert len(once) == len(prompts["answer"]) + len(prompts["refuse"])
+    count = {}
+    for query, _, kind in thrice:
+        count[query, kind] = count.get((query, kind), 0) + 1
+    assert {query for (query, _), n in count.items() if n == 3} == paired & {q for q, _, _ in once}
+    assert all(n in (1, 3) for n in count.values())
+    assert sorted(thrice) != thrice  # shuffled
+    with pytest.raises(ValueError, match="at least 1"):
+        sft_rows(prompts, answers, pair_weight=0)
+
+
 def test_a_whole_tiny_run_validates_every_epoch_and_records_its_choice(tiny_dir, tmp_path, monkeypatch):
     """The recipe end to end on the tiny model (8 prompts per role): both stages, a validation
     score after each epoch, the choice and the data recorded, an adapter PEFT can load."""
@@ -97,7 +132,7 @@ def test_a_whole_tiny_run_validates_every_epoch_and_records_its_choice(tiny_dir,
 
     monkeypatch.setenv("SAFETY_LAYERS_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "adapter"
-    align.main(["--base", str(tiny_dir), "--limit", "8", "--epochs", "2", "--dpo-epochs", "1", "--out", str(out)])
+    align.main(["--base", str(tiny_dir), "--limit", "8", "--method", "sft+dpo", "--epochs", "2", "--dpo-epochs", "1", "--out", str(out)])
     recipe = json.loads((out / "recipe.json").read_text())
     assert [row["epoch"] for row in recipe["stages"]["sft"]["validation"]] == [1, 2]
     assert recipe["stages"]["dpo"]["validation"]  # validated every --dpo-eval-every steps
@@ -108,7 +143,7 @@ def test_a_whole_tiny_run_validates_every_epoch_and_records_its_choice(tiny_dir,
     PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_dir), out)  # loads
     # a second run reuses both finished stages
     before = (out / "adapter_model.safetensors").read_bytes()
-    align.main(["--base", str(tiny_dir), "--limit", "8", "--epochs", "2", "--dpo-epochs", "1", "--out", str(out)])
+    align.main(["--base", str(tiny_dir), "--limit", "8", "--method", "sft+dpo", "--epochs", "2", "--dpo-epochs", "1", "--out", str(out)])
     assert (out / "adapter_model.safetensors").read_bytes() == before
 
 

@@ -336,9 +336,10 @@ def test_initial_range_from_existence_json(tmp_path):
         initial_from_existence(tmp_path / "none.json")
 
 
-def test_initial_range_falls_back_to_the_paired_band_of_validation_pairs_only(tmp_path):
-    """No unpaired suggestion: start from the layers where the aligned model's paired gap exceeds the
-    base model's, but only if those pairs were not the test pairs (a test split chooses nothing)."""
+def test_initial_range_prefers_the_paired_band_of_validation_pairs_only(tmp_path):
+    """Start from the layers where the aligned model's paired gap exceeds the base model's (the
+    wording control), but only if those pairs were not the test pairs (a test split chooses
+    nothing); the unpaired suggestion otherwise."""
     from analyses.locate import initial_from_existence
 
     path = tmp_path / "existence.json"
@@ -357,3 +358,10 @@ def test_initial_range_falls_back_to_the_paired_band_of_validation_pairs_only(tm
     path.write_text(json.dumps(record))
     with pytest.raises(LayerRangeError, match="flat"):
         initial_from_existence(path, "a")
+    record["paired"]["comparison"]["a"] = "a"
+    record["models"][0]["suggested_range"]["range"] = [7, 19]  # an unpaired suggestion too: the band wins
+    path.write_text(json.dumps(record))
+    assert initial_from_existence(path, "a") == LayerRange(14, 21)
+    record["config"]["pairs_part"] = "test"  # ... unless it came from the test pairs
+    path.write_text(json.dumps(record))
+    assert initial_from_existence(path, "a") == LayerRange(7, 19)
