@@ -9,9 +9,10 @@ R_o is the number of over-rejection queries (all 731 of D_o, or ``--limit`` of t
 model refuses, greedy with ``--max-new-tokens`` (16, the paper's code), judged by
 ``interp.judge``.  The initial range is ``--init``, or from an existence analysis (``--init-from``):
 the band where the aligned model's paired gap exceeds the base model's on validation pairs when
-the file holds one (the wording control), else the unpaired onset rule's suggestion.  ``--method`` (``interp.ro_search``): ``prune`` (default; generated R_o, with
-candidates the first-step bound proves cannot win skipped), ``generation`` (every candidate
-generated), ``fast`` (first-step estimate, ``--keep`` best per sweep generated) or ``estimate``.
+the file holds one (the wording control), else the unpaired onset rule's suggestion.
+``--method`` (``interp.ro_search``): ``prune`` (default; generated R_o, with candidates the
+first-step bound proves cannot win skipped), ``generation`` (every candidate generated), ``fast``
+(first-step estimate, ``--keep`` best per sweep generated) or ``estimate``.
 ``--choose-alpha`` applies the paper's α rule (steps of ``--alpha-step`` away from 1 until the std
 of R_o over the lower-bound sweep reaches ``--target-std``, by default 17.5 per 721 queries).
 ``--components paper-code`` leaves ``o_proj`` unscaled, as the official code did (PAPER.md §2).
