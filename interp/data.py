@@ -14,7 +14,8 @@ Three structured sets are CSV files with their own loaders:
 - ``load_pairs(part)``: harmful/benign requests written in the same sentence frame (400 pairs,
   10 harm categories x 40, 8 frames x 5 per category), split *by pair*: within each category,
   pair ``k`` is ``train`` when ``k % 10 < 5``, ``validation`` when ``k % 10`` is 5 or 6, ``test``
-  otherwise (200 / 80 / 120 pairs);
+  otherwise (200 / 80 / 120 pairs); ``load_pairs(part, extra=True)`` appends 240 train-only
+  supplementary pairs (``paired_prompts_extra.csv``: 10 categories x 24, 16 frames, a third short);
 - ``load_borderline(part)``: safe requests with alarming words, in XSTest's ten types but written
   for this project (250; per type, prompt ``k`` is ``validation`` when ``k % 5 == 4``, else
   ``train``: 200 / 50);
@@ -40,6 +41,7 @@ DATASETS = {
 PARTS = ("all", "train", "test")
 PAIR_PARTS = ("all", "train", "validation", "test")
 PAIRS_FILE = "paired_prompts.csv"
+EXTRA_PAIRS_FILE = "paired_prompts_extra.csv"
 BORDERLINE_FILE = "borderline_safe.csv"
 XSTEST_FILE = "xstest_prompts.csv"
 
@@ -148,11 +150,18 @@ class Pair:
     benign: str
 
     @property
+    def extra(self) -> bool:
+        """One of the train-only supplementary pairs (ids ``<category>-xNN``)."""
+        return self.pair_id.rsplit("-", 1)[1].startswith("x")
+
+    @property
     def index(self) -> int:
-        return int(self.pair_id.rsplit("-", 1)[1])
+        return int(self.pair_id.rsplit("-", 1)[1].lstrip("x"))
 
     @property
     def part(self) -> str:
+        if self.extra:
+            return "train"
         k = self.index % 10
         return "train" if k < 5 else "validation" if k < 7 else "test"
 
@@ -173,11 +182,14 @@ def _check_part(part: str, parts: tuple[str, ...]) -> str:
     return part
 
 
-def load_pairs(part: str = "all") -> list[Pair]:
-    """The paired set (module docstring), optionally one split."""
+def load_pairs(part: str = "all", extra: bool = False) -> list[Pair]:
+    """The paired set (module docstring), optionally one split; ``extra``: with the train-only
+    supplementary pairs appended (they belong to ``train`` and ``all`` only)."""
     _check_part(part, PAIR_PARTS)
-    pairs = [Pair(r["pair_id"], r["category"], r["frame"], r["harmful"], r["benign"]) for r in _csv_rows(PAIRS_FILE)]
-    validate_prompts([p.harmful for p in pairs] + [p.benign for p in pairs], PAIRS_FILE)
+    files = [PAIRS_FILE] + ([EXTRA_PAIRS_FILE] if extra else [])
+    pairs = [Pair(r["pair_id"], r["category"], r["frame"], r["harmful"], r["benign"])
+             for name in files for r in _csv_rows(name)]
+    validate_prompts([p.harmful for p in pairs] + [p.benign for p in pairs], " + ".join(files))
     return [p for p in pairs if part == "all" or p.part == part]
 
 

@@ -97,6 +97,29 @@ def test_pairs_split_by_pair_and_cover_categories_and_frames():
     assert all(p.harmful.startswith(frames[p.frame]) and p.benign.startswith(frames[p.frame]) for p in everything)
 
 
+def test_supplementary_pairs_are_train_only_in_matched_frames():
+    from collections import Counter
+
+    from interp.data import load_pairs
+
+    extra = [p for p in load_pairs("all", extra=True) if p.extra]
+    assert len(extra) == 240 and all(p.part == "train" for p in extra)
+    assert all(n == 24 for n in Counter(p.category for p in extra).values()) and len({p.category for p in extra}) == 10
+    assert len({p.frame for p in extra}) == 16
+    # the supplement joins train only: validation and test are the same pairs with or without it
+    for part in ("validation", "test"):
+        assert load_pairs(part, extra=True) == load_pairs(part)
+    assert load_pairs("train", extra=True)[:200] == load_pairs("train")
+    original = {t for p in load_pairs() for t in (p.harmful, p.benign)}
+    assert not original & {t for p in extra for t in (p.harmful, p.benign)}
+    opening = {"how_do_i": "How do I", "how_can_i": "How can I", "give_me": "Give me", "tell_me_how_to": "Tell me how to",
+               "write": "Write", "explain": "Explain", "describe": "Describe", "best_way": "What is the best way to",
+               "can_you": "Can you", "help_me": "Help me", "list": "List", "show_me": "Show me",
+               "easiest_way": "What's the easiest way to", "is_it_possible": "Is it possible to", "teach_me": "Teach me",
+               "i_want": "I want to"}
+    assert all(p.harmful.startswith(opening[p.frame]) and p.benign.startswith(opening[p.frame]) for p in extra)
+
+
 def test_borderline_and_xstest_loaders():
     from interp.data import load_borderline, load_xstest
 
