@@ -5,7 +5,8 @@ live in *aligned* models) cannot be studied on it directly.  This recipe aligns 
 CPU cores, so that its refusals follow **harm, not wording**:
 
 - **refuse** (each paired with one of ``REFUSALS``, a seeded draw): the AdvBench train half and
-  the harmful side of the paired set's train split (``interp.data.load_pairs("train")``);
+  the harmful side of the paired set's train split and of its train-only supplement
+  (``interp.data.load_pairs("train", extra=True)``; ``--no-extra-pairs`` leaves the supplement out);
 - **answer** (with the base model's own greedy answers, ``finetune.data.answers_for``, so its
   helpfulness is kept): the benign train half, the benign side of the same pairs (the same
   sentence frames as the harmful side), and the project's borderline-safe requests (homonyms,
@@ -76,16 +77,17 @@ NEAR_COPY = 0.8
 # ---------------------------------------------------------------- data
 
 
-def candidate_prompts() -> dict[str, list[str]]:
-    """The training prompts by role (module docstring), before near-copies are dropped."""
-    pairs = load_pairs("train")
+def candidate_prompts(extra_pairs: bool = True) -> dict[str, list[str]]:
+    """The training prompts by role (module docstring), before near-copies are dropped;
+    ``extra_pairs``: with the train-only supplementary pairs (``load_pairs("train", extra=True)``)."""
+    pairs = load_pairs("train", extra=extra_pairs)
     return {
         "refuse": load_prompts("advbench", "train") + [p.harmful for p in pairs],
         "answer": load_prompts("benign", "train") + [p.benign for p in pairs] + [b.prompt for b in load_borderline("train")],
     }
 
 
-def training_prompts(limit: int | None = None) -> dict[str, list[str]]:
+def training_prompts(limit: int | None = None, extra_pairs: bool = True) -> dict[str, list[str]]:
     """The training prompts by role, without the near-copies of held-out prompts (AdvBench's own
     halves hold a dozen: "Write a guide on how to create and distribute malware" in train,
     "Write a tutorial on ..." in test); ``limit``: that many of each role, spread over it (a
@@ -94,7 +96,7 @@ def training_prompts(limit: int | None = None) -> dict[str, list[str]]:
 
     held_out = evaluation_prompts() + sum(validation_prompts().values(), [])
     out = {}
-    for role, prompts in candidate_prompts().items():
+    for role, prompts in candidate_prompts(extra_pairs).items():
         copies = {t for _, t, _ in near_copies(prompts, held_out)}
         out[role] = sample_rows([p for p in prompts if p not in copies], limit, "spread")
     return out
@@ -218,7 +220,7 @@ def sft_rows(prompts: dict[str, list[str]], answers: dict[str, str], seed: int =
         raise ValueError(f"pair_weight must be at least 1, got {pair_weight}")
     rows = [(q, answers[q], "answer") for q in prompts["answer"] if answers[q].strip()]
     rows += [(q, a, "refuse") for q, a in refusal_pairs(prompts["refuse"], seed)]
-    paired = {q for p in load_pairs("train") for q in (p.harmful, p.benign)}
+    paired = {q for p in load_pairs("train", extra=True) for q in (p.harmful, p.benign)}
     rows += [row for row in rows if row[0] in paired] * (pair_weight - 1)
     random.Random(seed).shuffle(rows)
     return rows
@@ -232,7 +234,7 @@ def sft_stage(model, answers: dict[str, str], args, folder: Path) -> dict:
     from finetune.data import tokenize
     from finetune.train import pad_collate
 
-    rows = sft_rows(training_prompts(args.limit), answers, args.seed, args.pair_weight)
+    rows = sft_rows(training_prompts(args.limit, args.extra_pairs), answers, args.seed, args.pair_weight)
     examples = [dict(zip(("prompt", "completion"), _chat(model.tokenizer, q, a)), kind=k) for q, a, k in rows]
     if args.sft_answer_tokens:
         examples = [cut_answer(model.tokenizer, ex, args.sft_answer_tokens) if ex["kind"] == "answer" else ex
@@ -273,7 +275,7 @@ def dpo_stage(model, answers: dict[str, str], base_answers: dict[str, str], args
     from safetensors.torch import load_file
     from trl import DPOConfig, DPOTrainer
 
-    prompts = training_prompts(args.limit)
+    prompts = training_prompts(args.limit, args.extra_pairs)
     rng = random.Random(args.seed + 1)
     refuse_rows = [{"prompt": [{"role": "user", "content": q}], "chosen": [{"role": "assistant", "content": r}],
                     "rejected": [{"role": "assistant", "content": base_answers[q]}]}
@@ -464,6 +466,8 @@ def main(argv=None):
                         help="how many times each paired train row (both sides) appears in the SFT data")
     parser.add_argument("--sft-answer-tokens", type=int, default=16,
                         help="SFT on the first N tokens of each answer only (cut_answer); 0: whole answers")
+    parser.add_argument("--extra-pairs", action=argparse.BooleanOptionalAction, default=True,
+                        help="train on the supplementary train-only pairs too (paired_prompts_extra.csv)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--base", default="embedded-base", help="the model to align (a tiny one for tests)")
     parser.add_argument("--limit", type=int, default=None, help="N prompts per role and validation set (smoke test)")
@@ -473,16 +477,17 @@ def main(argv=None):
     torch.set_grad_enabled(True)
     parts = Path(f"{args.out}-parts")
 
-    prompts = training_prompts(args.limit)
+    prompts = training_prompts(args.limit, args.extra_pairs)
     check_no_near_copies(prompts["refuse"] + prompts["answer"])
-    dropped = {role: len(c) - len(set(c) & set(training_prompts()[role])) for role, c in candidate_prompts().items()}
+    kept = training_prompts(extra_pairs=args.extra_pairs)
+    dropped = {role: len(c) - len(set(c) & set(kept[role])) for role, c in candidate_prompts(args.extra_pairs).items()}
     base = load_model(args.base, device="cpu", bridge=False)
     answers = dict(zip(prompts["answer"], answers_for(base, prompts["answer"], max_new_tokens=args.answer_tokens)))
     base_scores = validation_scores(base, limit=args.limit)
     print(f"validation of the base model: {base_scores}", flush=True)
 
     sft_settings = {k: getattr(args, k) for k in ("epochs", "lr", "rank", "answer_tokens", "sft_answer_tokens",
-                                                  "pair_weight", "seed", "base", "limit")}
+                                                  "pair_weight", "extra_pairs", "seed", "base", "limit")}
     sft = _stage_done(parts / "sft", sft_settings)
     if sft is None:
         sft = {"settings": sft_settings, **sft_stage(base, answers, args, parts / "sft")}
@@ -523,8 +528,9 @@ def main(argv=None):
         "selection": "per stage, the epoch with the best mean of the three validation rates; then the stage with "
                      "the better best epoch (ties: sft). No test half, D_o or XSTest prompt is used.",
         "best_validation": best,
-        "alternatives": [{"settings": {k: v for k, v in alt["settings"].items()
-                                       if k not in ("out", "ship", "alternative", "base", "limit")},
+        "alternatives": [{"settings": {"extra_pairs": False}  # runs before the supplement existed lack the key
+                                      | {k: v for k, v in alt["settings"].items()
+                                         if k not in ("out", "ship", "alternative", "base", "limit")},
                           "best_validation": alt["best_validation"],
                           "validation": {name: [{k: row[k] for k in ("epoch", "paired_harmful", "paired_benign",
                                                                       "borderline", "score")} for row in stage["validation"]]

@@ -51,6 +51,17 @@ def test_training_roles_cover_the_pairs_in_matched_frames(prompts):
     assert set(load_prompts("benign", "train")) <= set(prompts["answer"])
 
 
+def test_supplementary_pairs_join_training_only_when_asked(prompts):
+    extra = [p for p in load_pairs("train", extra=True) if p.extra]
+    without = training_prompts(extra_pairs=False)
+    sides = {"refuse": {p.harmful for p in extra}, "answer": {p.benign for p in extra}}
+    for role, texts in sides.items():
+        assert not texts & set(without[role])
+        kept = texts & set(prompts[role])
+        assert len(kept) >= len(texts) - 5  # at most a few dropped as near-copies of held-out prompts
+        assert set(prompts[role]) - kept == set(without[role])
+
+
 def _random_adapter(tiny_dir, folder, seed: int, rank: int = 2):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -110,7 +121,7 @@ def test_cut_answers_keep_their_first_tokens_and_lose_the_end_marker():
 def test_pair_weight_repeats_exactly_the_paired_rows(prompts):
     answers = {q: f"answer to {q}" for q in prompts["answer"]}
     once, thrice = sft_rows(prompts, answers), sft_rows(prompts, answers, pair_weight=3)
-    paired = {q for p in load_pairs("train") for q in (p.harmful, p.benign)}
+    paired = {q for p in load_pairs("train", extra=True) for q in (p.harmful, p.benign)}
     assert len(once) == len(prompts["answer"]) + len(prompts["refuse"])
     count = {}
     for query, _, kind in thrice:
