@@ -125,6 +125,8 @@ def parse_args(argv=None):
     parser.add_argument("--window", type=int, default=2, help="offsets -W..W for both sweeps")
     parser.add_argument("--upper-offsets", help="offsets of the upper sweep as LO,HI (overrides --window)")
     parser.add_argument("--lower-offsets", help="offsets of the lower sweep as LO,HI (write --lower-offsets=-1,3)")
+    parser.add_argument("--extend", action="store_true",
+                        help="widen a sweep past its window while its winner sits at the window's edge")
     parser.add_argument("--method", default="prune", choices=METHODS)
     parser.add_argument("--keep", type=positive_int, default=2, help="with --method fast: rows generated per sweep")
     parser.add_argument("--components", default="all", help="all, paper-code (no o_proj), or a list such as q,k,v,o")
@@ -181,7 +183,7 @@ def main(argv=None) -> LocateRun:
         model, queries, args.initial, alpha=args.alpha, window=args.window, upper_offsets=args.upper,
         lower_offsets=args.lower, method=args.method, keep=args.keep, components=args.components,
         max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, cache_dir=args.out / "cache",
-        alpha_rule=alpha_rule,
+        alpha_rule=alpha_rule, extend=args.extend,
     )
     written = write_outputs(args.out, run, model, queries, args)
     if args.ship:

@@ -231,6 +231,17 @@ def _pruned_sweep(phase, candidates, alpha, ro: _Memo, bound) -> list[SweepRow]:
     return [rows[n] for n in range(len(candidates))]
 
 
+def _grown(offsets: list[int], winner: int, make) -> list[int] | None:
+    """``offsets`` with one more offset past the edge the winner sits on, or ``None`` when the
+    winner is inside the valid offsets or the next one would leave the model."""
+    valid = [k for k in offsets if make([k])]
+    if winner == max(valid) and make([winner + 1]):
+        return sorted({*offsets, winner + 1})
+    if winner == min(valid) and make([winner - 1]):
+        return sorted({*offsets, winner - 1})
+    return None
+
+
 def _rank(rows: list[SweepRow], alpha: float) -> list[int]:
     """Row indices ordered best first by their coarse ``estimate`` (same tie rule as ``_best``)."""
     sign = -1.0 if alpha > 1 else 1.0
@@ -249,6 +260,7 @@ def locate(
     confirm: RoFunction | None = None,
     keep: int = 2,
     bound: RoFunction | None = None,
+    extend: bool = False,
 ) -> LocateResult:
     """The paper's two-sweep bound search (module docstring).
 
@@ -257,6 +269,9 @@ def locate(
     (Table 1's lower sweeps, e.g. ``[8,12] .. [4,12]`` from ``[7,12]``, are offsets -1..3).
     ``confirm``/``keep``: the coarse-to-fine mode.  ``bound``: an upper bound on ``ro`` that
     lets a sweep skip candidates that cannot win (α > 1 only; see ``_pruned_sweep``).
+    ``extend``: when a sweep's winner sits at the edge of its offsets, add the next offset past
+    that edge and sweep again (each range is measured once), until the winner is inside its
+    window or the model's edge is reached, so the result does not depend on the window's width.
     """
     alpha = check_alpha(alpha)
     if alpha == 1.0:
@@ -272,9 +287,17 @@ def locate(
     main = fine or coarse
     baseline = main(None, 1.0)
     baseline_estimate = coarse(None, 1.0) if fine is not None else None
-    upper = _sweep("upper", upper_candidates(initial, upper_offsets, n_layers), alpha, coarse, fine, keep, bound)
+    def search(phase, make, offsets):
+        while True:
+            rows = _sweep(phase, make(offsets), alpha, coarse, fine, keep, bound)
+            grown = _grown(offsets, next(r for r in rows if r.winner).offset, make) if extend else None
+            if grown is None:
+                return rows
+            offsets = grown
+
+    upper = search("upper", lambda offs: upper_candidates(initial, offs, n_layers), upper_offsets)
     end_u = next(r for r in upper if r.winner).range.end
-    lower = _sweep("lower", lower_candidates(initial.start, end_u, lower_offsets), alpha, coarse, fine, keep, bound)
+    lower = search("lower", lambda offs: lower_candidates(initial.start, end_u, offs), lower_offsets)
     located = next(r for r in lower if r.winner).range
     return LocateResult(initial, alpha, baseline, upper, lower, located, n_layers, baseline_estimate)
 

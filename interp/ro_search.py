@@ -121,6 +121,7 @@ class LocateRun:
     prune_margin: int | None = None
     seconds: float = 0.0
     configs: dict = field(default_factory=dict)
+    extended: bool = False
 
     @property
     def method_name(self) -> str:
@@ -135,6 +136,7 @@ class LocateRun:
             "prune_threshold": PRUNE_THRESHOLD if self.method == "prune" else None,
             "prune_margin": self.prune_margin,
             "seconds": round(self.seconds, 1),
+            "extend_until_interior": self.extended,
         }
 
 
@@ -162,6 +164,7 @@ def locate_layers(
     cache_dir: str | Path | None = None,
     alpha_rule: dict | None = None,
     progress: bool = True,
+    extend: bool = False,
 ) -> LocateRun:
     """Run the bound search on ``model`` (module docstring for ``method``).  ``alpha_rule``:
     ``choose_alpha`` keyword arguments (``step``, ``target_std``, ``max_steps``) to pick α,
@@ -171,7 +174,7 @@ def locate_layers(
     initial.check(model.n_layers)
     started = time.perf_counter()
     offsets = lower_offsets if lower_offsets is not None else list(range(-window, window + 1))
-    start = lowest_layer(initial, model.n_layers, lower_offsets=offsets)
+    start = 0 if extend else lowest_layer(initial, model.n_layers, lower_offsets=offsets)  # extended: any layer
     evaluator = RoEvaluator(model, queries, start=start, batch_size=batch_size, max_new_tokens=max_new_tokens,
                             progress=False)
     path, meta = (None, None)
@@ -182,7 +185,7 @@ def locate_layers(
     fn = {"prune": ro.generated, "generation": ro.generated, "fast": ro.estimated, "estimate": ro.estimated}[method]
     kwargs = dict(window=window, upper_offsets=upper_offsets, lower_offsets=lower_offsets, keep=keep,
                   confirm=ro.generated if method == "fast" else None,
-                  bound=ro.bound if method == "prune" else None)
+                  bound=ro.bound if method == "prune" else None, extend=extend)
     choice = None
     if alpha_rule is not None:
         choice = choose_alpha(fn, initial, model.n_layers, increase=alpha > 1, **alpha_rule, **kwargs)
@@ -194,5 +197,5 @@ def locate_layers(
         n_generated=sum(s["r_o"] is not None for s in ro.stats.values()),
         n_pruned=sum(r.pruned for r in result.upper + result.lower),
         prune_margin=ro.margin if method == "prune" else None,
-        seconds=time.perf_counter() - started, configs=dict(ro.stats),
+        seconds=time.perf_counter() - started, configs=dict(ro.stats), extended=extend,
     )

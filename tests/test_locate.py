@@ -45,6 +45,30 @@ def test_finds_planted_range(alpha, initial):
     assert next(r for r in result.lower if r.winner).r_o == best
 
 
+
+@pytest.mark.parametrize("alpha", [1.2, 0.8])
+def test_extend_follows_a_winner_past_the_window(alpha):
+    """From [9,9] with window 1 the plain search stops at [8,10] (both winners at their window's
+    edge); extended, each sweep widens until its winner is inside: the planted [6,12], each
+    range measured once."""
+    calls = []
+    plain = locate(planted(), LayerRange(9, 9), alpha, 30, window=1)
+    assert plain.range == LayerRange(8, 10)
+    result = locate(planted(calls=calls), LayerRange(9, 9), alpha, 30, window=1, extend=True)
+    assert result.range == TRUE
+    assert len(calls) == len(set(calls))
+    assert [r.offset for r in result.upper] == [0, 1, 2, 3, 4]  # -1 gives [9,8]: invalid
+    assert [r.offset for r in result.lower] == [-1, 0, 1, 2, 3, 4]
+    for rows in (result.upper, result.lower):
+        win = next(n for n, r in enumerate(rows) if r.winner)
+        assert 0 < win < len(rows) - 1 and sum(r.winner for r in rows) == 1
+
+
+def test_extend_stops_at_the_model_edge():
+    result = locate(planted(true=LayerRange(25, 29)), LayerRange(27, 27), 1.2, 30, window=1, extend=True)
+    assert result.upper_end == 29 and result.range == LayerRange(25, 29)
+    assert max(r.range.end for r in result.upper) == 29
+
 def test_upper_bound_is_found_before_lower():
     """The upper sweep holds the start fixed, so with [8,10] it can only reach [8,12]."""
     result = locate(planted(), LayerRange(8, 10), 1.2, 30, window=2)
