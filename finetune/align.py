@@ -393,6 +393,24 @@ def combine_adapters(base_model, adapter_dirs: list[Path], weights: list[float],
     return out_dir
 
 
+def alternatives_record(paths: list[str]) -> list[dict]:
+    """The runs a shipped recipe was chosen over: each ``recipe.json`` in ``paths`` (settings, best validation and
+    per-epoch validation), followed by the alternatives that run itself recorded, so the history of choices survives
+    each new shipment."""
+    out = []
+    for path in paths:
+        alt = json.loads(Path(path).read_text())
+        out.append({"settings": {"extra_pairs": False}  # runs before the supplement existed lack the key
+                                | {k: v for k, v in alt["settings"].items()
+                                   if k not in ("out", "ship", "alternative", "base", "limit")},
+                    "best_validation": alt["best_validation"],
+                    "validation": {name: [{k: row[k] for k in ("epoch", "paired_harmful", "paired_benign",
+                                                                "borderline", "score")} for row in stage["validation"]]
+                                   for name, stage in alt["stages"].items()}})
+        out.extend({**old, "settings": {"extra_pairs": False} | old["settings"]} for old in alt.get("alternatives", []))
+    return out
+
+
 def _stage_done(folder: Path, settings: dict) -> dict | None:
     """A finished stage with these settings (its record), or None.  A stage begun with other
     settings is cleared, so only an interrupted run with the same settings resumes."""
@@ -440,11 +458,8 @@ def adapter_card(record: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None):
-    from finetune.data import answers_for
-    from interp.io import atomic_write_json
-    from interp.provenance import versions
-
+def build_parser() -> argparse.ArgumentParser:
+    """The command line; its defaults are the shipped recipe (a test holds them to ``recipe.json``)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=cache_dir() / ALIGNED_ADAPTER)
     parser.add_argument("--method", default="sft", choices=METHODS)
@@ -472,7 +487,15 @@ def main(argv=None):
     parser.add_argument("--base", default="embedded-base", help="the model to align (a tiny one for tests)")
     parser.add_argument("--limit", type=int, default=None, help="N prompts per role and validation set (smoke test)")
     parser.add_argument("--ship", action="store_true", help="copy the adapter into interp/weights/ (committed)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None):
+    from finetune.data import answers_for
+    from interp.io import atomic_write_json
+    from interp.provenance import versions
+
+    args = build_parser().parse_args(argv)
     start = time.time()
     torch.set_grad_enabled(True)
     parts = Path(f"{args.out}-parts")
@@ -528,14 +551,7 @@ def main(argv=None):
         "selection": "per stage, the epoch with the best mean of the three validation rates; then the stage with "
                      "the better best epoch (ties: sft). No test half, D_o or XSTest prompt is used.",
         "best_validation": best,
-        "alternatives": [{"settings": {"extra_pairs": False}  # runs before the supplement existed lack the key
-                                      | {k: v for k, v in alt["settings"].items()
-                                         if k not in ("out", "ship", "alternative", "base", "limit")},
-                          "best_validation": alt["best_validation"],
-                          "validation": {name: [{k: row[k] for k in ("epoch", "paired_harmful", "paired_benign",
-                                                                      "borderline", "score")} for row in stage["validation"]]
-                                         for name, stage in alt["stages"].items()}}
-                         for alt in (json.loads(Path(a).read_text()) for a in args.alternative)],
+        "alternatives": alternatives_record(args.alternative),
         "stages": {name: {k: v for k, v in stage.items() if k != "history"} for name, stage in stages.items()},
         "adapter_bytes": size,
         "seconds_total": round(time.time() - start, 1),  # this run's; a resumed run reuses finished stages

@@ -9,6 +9,8 @@ import pytest
 import torch
 
 from finetune.align import (
+    alternatives_record,
+    build_parser,
     candidate_prompts,
     combine_adapters,
     cut_answer,
@@ -162,7 +164,7 @@ def test_the_shipped_adapter_matches_its_recorded_recipe():
     folder = PACKAGE_WEIGHTS / ALIGNED_ADAPTER
     recipe = json.loads((folder / "recipe.json").read_text())
     config = json.loads((folder / "adapter_config.json").read_text())
-    prompts = training_prompts()
+    prompts = training_prompts(extra_pairs=recipe["settings"].get("extra_pairs", False))
     for role in ("refuse", "answer"):
         assert recipe["data"][role]["hash"] == prompts_hash(prompts[role]), role
         assert recipe["data"][role]["n"] == len(prompts[role])
@@ -171,3 +173,27 @@ def test_the_shipped_adapter_matches_its_recorded_recipe():
     ranks = recipe["settings"]["rank"] * (2 if recipe["method"] == "sft+dpo" else 1)
     assert config["r"] == ranks
     assert recipe["settings"]["base"] == "embedded-base" and recipe["settings"]["limit"] is None
+
+
+def test_the_command_line_defaults_are_the_shipped_recipe():
+    """README: ``python -m finetune.align --ship`` regenerates the shipped adapter, so every knob's default must be
+    the value the shipped run used."""
+    recipe = json.loads((PACKAGE_WEIGHTS / ALIGNED_ADAPTER / "recipe.json").read_text())
+    defaults = vars(build_parser().parse_args([]))
+    knobs = {k: v for k, v in recipe["settings"].items() if k not in ("out", "ship", "alternative")}
+    assert {k: defaults[k] for k in knobs} == knobs
+    assert defaults["extra_pairs"] == recipe["settings"].get("extra_pairs", False)
+
+
+def test_alternatives_keep_the_history_of_earlier_choices(tmp_path):
+    old = {"settings": {"epochs": 3, "out": "x"}, "best_validation": {"sft": 0.5},
+           "stages": {"sft": {"validation": [{"epoch": 1, "paired_harmful": 0.4, "paired_benign": 0.6,
+                                               "borderline": 0.5, "score": 0.5, "loss": 1.0}]}}}
+    newer = {**old, "settings": {"epochs": 4, "extra_pairs": True}, "best_validation": {"sft": 0.7}}
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    newer["alternatives"] = alternatives_record([str(tmp_path / "old.json")])
+    (tmp_path / "new.json").write_text(json.dumps(newer))
+    record = alternatives_record([str(tmp_path / "new.json")])
+    assert [r["best_validation"]["sft"] for r in record] == [0.7, 0.5]
+    assert [r["settings"]["extra_pairs"] for r in record] == [True, False]  # older runs had no supplement
+    assert "out" not in record[1]["settings"] and "loss" not in record[1]["validation"]["sft"][0]
