@@ -502,7 +502,7 @@ def main(argv=None):
 
     prompts = training_prompts(args.limit, args.extra_pairs)
     check_no_near_copies(prompts["refuse"] + prompts["answer"])
-    kept = training_prompts(extra_pairs=args.extra_pairs)
+    kept = prompts if args.limit is None else training_prompts(extra_pairs=args.extra_pairs)  # the same scan once
     dropped = {role: len(c) - len(set(c) & set(kept[role])) for role, c in candidate_prompts(args.extra_pairs).items()}
     base = load_model(args.base, device="cpu", bridge=False)
     answers = dict(zip(prompts["answer"], answers_for(base, prompts["answer"], max_new_tokens=args.answer_tokens)))

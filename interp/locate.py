@@ -287,6 +287,7 @@ def locate(
     main = fine or coarse
     baseline = main(None, 1.0)
     baseline_estimate = coarse(None, 1.0) if fine is not None else None
+
     def search(phase, make, offsets):
         while True:
             rows = _sweep(phase, make(offsets), alpha, coarse, fine, keep, bound)

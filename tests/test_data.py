@@ -77,6 +77,13 @@ def test_evenly_spaced_spans_the_rows_in_order():
         evenly_spaced(rows, 0)
 
 
+# Each frame's opening words: the paired set's 8 frames first, then the 8 more of its train-only supplement.
+FRAME_OPENINGS = {"how_do_i": "How do I", "how_can_i": "How can I", "give_me": "Give me", "tell_me_how_to": "Tell me how to",
+                  "write": "Write", "explain": "Explain", "describe": "Describe", "best_way": "What is the best way to",
+                  "can_you": "Can you", "help_me": "Help me", "list": "List", "show_me": "Show me",
+                  "easiest_way": "What's the easiest way to", "is_it_possible": "Is it possible to", "teach_me": "Teach me",
+                  "i_want": "I want to"}
+
 def test_pairs_split_by_pair_and_cover_categories_and_frames():
     from collections import Counter
 
@@ -92,9 +99,9 @@ def test_pairs_split_by_pair_and_cover_categories_and_frames():
     assert len(everything) == 400 and len(Counter(p.category for p in everything)) == 10
     assert all(n == 5 for n in Counter((p.category, p.frame) for p in everything).values())
     assert all(len(Counter(p.category for p in pairs)) == 10 for pairs in parts.values())
-    frames = {"how_do_i": "How do I", "how_can_i": "How can I", "give_me": "Give me", "tell_me_how_to": "Tell me how to",
-              "write": "Write", "explain": "Explain", "describe": "Describe", "best_way": "What is the best way to"}
-    assert all(p.harmful.startswith(frames[p.frame]) and p.benign.startswith(frames[p.frame]) for p in everything)
+    assert {p.frame for p in everything} == set(list(FRAME_OPENINGS)[:8])
+    assert all(p.harmful.startswith(FRAME_OPENINGS[p.frame]) and p.benign.startswith(FRAME_OPENINGS[p.frame])
+               for p in everything)
 
 
 def test_supplementary_pairs_are_train_only_in_matched_frames():
@@ -112,12 +119,9 @@ def test_supplementary_pairs_are_train_only_in_matched_frames():
     assert load_pairs("train", extra=True)[:200] == load_pairs("train")
     original = {t for p in load_pairs() for t in (p.harmful, p.benign)}
     assert not original & {t for p in extra for t in (p.harmful, p.benign)}
-    opening = {"how_do_i": "How do I", "how_can_i": "How can I", "give_me": "Give me", "tell_me_how_to": "Tell me how to",
-               "write": "Write", "explain": "Explain", "describe": "Describe", "best_way": "What is the best way to",
-               "can_you": "Can you", "help_me": "Help me", "list": "List", "show_me": "Show me",
-               "easiest_way": "What's the easiest way to", "is_it_possible": "Is it possible to", "teach_me": "Teach me",
-               "i_want": "I want to"}
-    assert all(p.harmful.startswith(opening[p.frame]) and p.benign.startswith(opening[p.frame]) for p in extra)
+    assert {p.frame for p in extra} == set(FRAME_OPENINGS)
+    assert all(p.harmful.startswith(FRAME_OPENINGS[p.frame]) and p.benign.startswith(FRAME_OPENINGS[p.frame])
+               for p in extra)
 
 
 def test_borderline_and_xstest_loaders():

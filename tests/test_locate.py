@@ -45,7 +45,6 @@ def test_finds_planted_range(alpha, initial):
     assert next(r for r in result.lower if r.winner).r_o == best
 
 
-
 @pytest.mark.parametrize("alpha", [1.2, 0.8])
 def test_extend_follows_a_winner_past_the_window(alpha):
     """From [9,9] with window 1 the plain search stops at [8,10] (both winners at their window's
@@ -68,6 +67,7 @@ def test_extend_stops_at_the_model_edge():
     result = locate(planted(true=LayerRange(25, 29)), LayerRange(27, 27), 1.2, 30, window=1, extend=True)
     assert result.upper_end == 29 and result.range == LayerRange(25, 29)
     assert max(r.range.end for r in result.upper) == 29
+
 
 def test_upper_bound_is_found_before_lower():
     """The upper sweep holds the start fixed, so with [8,10] it can only reach [8,12]."""
