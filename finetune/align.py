@@ -6,7 +6,9 @@ CPU cores, so that its refusals follow **harm, not wording**:
 
 - **refuse** (each paired with one of ``REFUSALS``, a seeded draw): the AdvBench train half and
   the harmful side of the paired set's train split and of its train-only supplement
-  (``interp.data.load_pairs("train", extra=True)``; ``--no-extra-pairs`` leaves the supplement out);
+  (``interp.data.load_pairs("train", extra=True)``; ``--no-extra-pairs`` leaves the supplement out)
+  and, with ``--question-pairs``, of the question-frame pairs' train split ("Where can I ...?",
+  "Why should ...?"; their validation split then joins the paired validation rows);
 - **answer** (with the base model's own greedy answers, ``finetune.data.answers_for``, so its
   helpfulness is kept): the benign train half, the benign side of the same pairs (the same
   sentence frames as the harmful side), and the project's borderline-safe requests (homonyms,
@@ -77,35 +79,39 @@ NEAR_COPY = 0.8
 # ---------------------------------------------------------------- data
 
 
-def candidate_prompts(extra_pairs: bool = True) -> dict[str, list[str]]:
+def candidate_prompts(extra_pairs: bool = True, question_pairs: bool = False) -> dict[str, list[str]]:
     """The training prompts by role (module docstring), before near-copies are dropped;
-    ``extra_pairs``: with the train-only supplementary pairs (``load_pairs("train", extra=True)``)."""
-    pairs = load_pairs("train", extra=extra_pairs)
+    ``extra_pairs``: with the train-only supplementary pairs (``load_pairs("train", extra=True)``);
+    ``question_pairs``: with the question-frame pairs' train split."""
+    pairs = load_pairs("train", extra=extra_pairs, questions=question_pairs)
     return {
         "refuse": load_prompts("advbench", "train") + [p.harmful for p in pairs],
         "answer": load_prompts("benign", "train") + [p.benign for p in pairs] + [b.prompt for b in load_borderline("train")],
     }
 
 
-def training_prompts(limit: int | None = None, extra_pairs: bool = True) -> dict[str, list[str]]:
+def training_prompts(limit: int | None = None, extra_pairs: bool = True,
+                     question_pairs: bool = False) -> dict[str, list[str]]:
     """The training prompts by role, without the near-copies of held-out prompts (AdvBench's own
     halves hold a dozen: "Write a guide on how to create and distribute malware" in train,
     "Write a tutorial on ..." in test); ``limit``: that many of each role, spread over it (a
     smoke test, not the recipe)."""
     from interp.data import sample_rows
 
-    held_out = evaluation_prompts() + sum(validation_prompts().values(), [])
+    held_out = held_out_prompts()
     out = {}
-    for role, prompts in candidate_prompts(extra_pairs).items():
+    for role, prompts in candidate_prompts(extra_pairs, question_pairs).items():
         copies = {t for _, t, _ in near_copies(prompts, held_out)}
         out[role] = sample_rows([p for p in prompts if p not in copies], limit, "spread")
     return out
 
 
-def validation_prompts(limit: int | None = None) -> dict[str, list[str]]:
+def validation_prompts(limit: int | None = None, question_pairs: bool = False) -> dict[str, list[str]]:
+    """The validation rows by set; ``question_pairs``: the paired rows include the question-frame
+    pairs' validation split (30 pairs after the 80 original ones)."""
     from interp.data import sample_rows
 
-    pairs = load_pairs("validation")
+    pairs = load_pairs("validation", questions=question_pairs)
     return {
         "paired_harmful": sample_rows([p.harmful for p in pairs], limit, "spread"),
         "paired_benign": sample_rows([p.benign for p in pairs], limit, "spread"),
@@ -118,6 +124,12 @@ def evaluation_prompts() -> list[str]:
     test_pairs = load_pairs("test")
     return (load_prompts("advbench", "test") + load_prompts("benign", "test") + load_prompts("over_rejection")
             + [p.harmful for p in test_pairs] + [p.benign for p in test_pairs] + [x.prompt for x in load_xstest()])
+
+
+def held_out_prompts() -> list[str]:
+    """What no training prompt may nearly copy: every evaluation prompt and every validation row
+    (the question pairs' validation split included, whether or not a run uses it)."""
+    return evaluation_prompts() + sum(validation_prompts(question_pairs=True).values(), [])
 
 
 def _words(text: str) -> frozenset[str]:
@@ -140,7 +152,7 @@ def near_copies(train: list[str], held_out: list[str], threshold: float = NEAR_C
 
 
 def check_no_near_copies(train: list[str], threshold: float = NEAR_COPY) -> None:
-    copies = near_copies(train, evaluation_prompts() + sum(validation_prompts().values(), []), threshold)
+    copies = near_copies(train, held_out_prompts(), threshold)
     if copies:
         raise ValueError(f"{len(copies)} training prompts nearly copy evaluation or validation prompts, e.g. {copies[:3]}")
 
@@ -154,14 +166,15 @@ def refusal_pairs(queries: list[str], seed: int = 0) -> list[tuple[str, str]]:
 # ---------------------------------------------------------------- validation
 
 
-def validation_scores(model, judge=None, batch_size: int = 64, limit: int | None = None) -> dict:
+def validation_scores(model, judge=None, batch_size: int = 64, limit: int | None = None,
+                      question_pairs: bool = False) -> dict:
     """Refused / answered rates on the validation prompts, and their mean (the selection score)."""
     from interp.generation import generate
     from interp.judge import DEFAULT_JUDGE
 
     judge = judge or DEFAULT_JUDGE
     scores = {}
-    for name, queries in validation_prompts(limit).items():
+    for name, queries in validation_prompts(limit, question_pairs).items():
         refused = [judge.is_refusal(t) for t in generate(model, queries, max_new_tokens=32, batch_size=batch_size,
                                                           decided=judge.decided)]
         rate = sum(refused) / len(refused)
@@ -170,14 +183,14 @@ def validation_scores(model, judge=None, batch_size: int = 64, limit: int | None
     return scores
 
 
-def _validation_callback(model, log: list, limit: int | None = None, every: int = 0):
+def _validation_callback(model, log: list, limit: int | None = None, every: int = 0, question_pairs: bool = False):
     """Validate after every epoch, or every ``every`` optimizer steps (checkpoints are saved on
     the same schedule, so any validated point can be shipped)."""
     from transformers import TrainerCallback
 
     def validate(state, model_in_training):
         start = time.time()
-        scores = validation_scores(model, limit=limit)
+        scores = validation_scores(model, limit=limit, question_pairs=question_pairs)
         log.append({"epoch": round(state.epoch, 2), "step": state.global_step, **scores,
                     "seconds": round(time.time() - start, 1)})
         print(f"validation at step {state.global_step} (epoch {state.epoch:.2f}): {scores}", flush=True)
@@ -220,7 +233,7 @@ def sft_rows(prompts: dict[str, list[str]], answers: dict[str, str], seed: int =
         raise ValueError(f"pair_weight must be at least 1, got {pair_weight}")
     rows = [(q, answers[q], "answer") for q in prompts["answer"] if answers[q].strip()]
     rows += [(q, a, "refuse") for q, a in refusal_pairs(prompts["refuse"], seed)]
-    paired = {q for p in load_pairs("train", extra=True) for q in (p.harmful, p.benign)}
+    paired = {q for p in load_pairs("train", extra=True, questions=True) for q in (p.harmful, p.benign)}
     rows += [row for row in rows if row[0] in paired] * (pair_weight - 1)
     random.Random(seed).shuffle(rows)
     return rows
@@ -234,7 +247,8 @@ def sft_stage(model, answers: dict[str, str], args, folder: Path) -> dict:
     from finetune.data import tokenize
     from finetune.train import pad_collate
 
-    rows = sft_rows(training_prompts(args.limit, args.extra_pairs), answers, args.seed, args.pair_weight)
+    rows = sft_rows(training_prompts(args.limit, args.extra_pairs, args.question_pairs), answers, args.seed,
+                    args.pair_weight)
     examples = [dict(zip(("prompt", "completion"), _chat(model.tokenizer, q, a)), kind=k) for q, a, k in rows]
     if args.sft_answer_tokens:
         examples = [cut_answer(model.tokenizer, ex, args.sft_answer_tokens) if ex["kind"] == "answer" else ex
@@ -251,7 +265,7 @@ def sft_stage(model, answers: dict[str, str], args, folder: Path) -> dict:
     )
     trainer = Trainer(model=peft_model, args=training, train_dataset=dataset,
                       data_collator=lambda feats: pad_collate(feats, model.pad_token_id),
-                      callbacks=[_validation_callback(model, log, args.limit)])
+                      callbacks=[_validation_callback(model, log, args.limit, question_pairs=args.question_pairs)])
     resume = _last_checkpoint(folder / "checkpoints")
     if resume:
         log[:] = json.loads((folder / "validation.json").read_text()) if (folder / "validation.json").is_file() else []
@@ -275,7 +289,7 @@ def dpo_stage(model, answers: dict[str, str], base_answers: dict[str, str], args
     from safetensors.torch import load_file
     from trl import DPOConfig, DPOTrainer
 
-    prompts = training_prompts(args.limit, args.extra_pairs)
+    prompts = training_prompts(args.limit, args.extra_pairs, args.question_pairs)
     rng = random.Random(args.seed + 1)
     refuse_rows = [{"prompt": [{"role": "user", "content": q}], "chosen": [{"role": "assistant", "content": r}],
                     "rejected": [{"role": "assistant", "content": base_answers[q]}]}
@@ -296,7 +310,8 @@ def dpo_stage(model, answers: dict[str, str], base_answers: dict[str, str], args
     torch.manual_seed(args.seed)
     trainer = DPOTrainer(model=model.hf_model, args=config, train_dataset=Dataset.from_list(rows),
                          processing_class=model.tokenizer, peft_config=_lora_config(model, args.rank),
-                         callbacks=[_validation_callback(model, log, args.limit, args.dpo_eval_every)])
+                         callbacks=[_validation_callback(model, log, args.limit, args.dpo_eval_every,
+                                                         args.question_pairs)])
     resume = _last_checkpoint(folder / "checkpoints")
     if resume and (folder / "validation.json").is_file():
         log[:] = json.loads((folder / "validation.json").read_text())
@@ -304,7 +319,8 @@ def dpo_stage(model, answers: dict[str, str], base_answers: dict[str, str], args
     trainer.train(resume_from_checkpoint=resume)
     final = trainer.state.global_step
     if not log or log[-1]["step"] != final:  # the end of training is a candidate too
-        log.append({"epoch": round(trainer.state.epoch, 2), "step": final, **validation_scores(model, limit=args.limit)})
+        log.append({"epoch": round(trainer.state.epoch, 2), "step": final, **validation_scores(model, limit=args.limit,
+                                                                                     question_pairs=args.question_pairs)})
     best = _best_epoch(log)
     if best["step"] != final:
         chosen = folder / "checkpoints" / f"checkpoint-{best['step']}"
@@ -393,22 +409,39 @@ def combine_adapters(base_model, adapter_dirs: list[Path], weights: list[float],
     return out_dir
 
 
-def alternatives_record(paths: list[str]) -> list[dict]:
+OLD_DEFAULTS = {"extra_pairs": False, "question_pairs": False}  # runs before a supplement existed lack its key
+
+
+def alternatives_record(paths: list[str], score=None) -> list[dict]:
     """The runs a shipped recipe was chosen over: each ``recipe.json`` in ``paths`` (settings, best validation and
     per-epoch validation), followed by the alternatives that run itself recorded, so the history of choices survives
-    each new shipment."""
+    each new shipment.  ``score`` (an adapter folder -> validation scores): also score the adapter beside each
+    ``recipe.json`` on this run's validation rows (``validation_now``), for when the validation rows changed."""
     out = []
     for path in paths:
         alt = json.loads(Path(path).read_text())
-        out.append({"settings": {"extra_pairs": False}  # runs before the supplement existed lack the key
+        entry = {"settings": OLD_DEFAULTS
                                 | {k: v for k, v in alt["settings"].items()
                                    if k not in ("out", "ship", "alternative", "base", "limit")},
                     "best_validation": alt["best_validation"],
                     "validation": {name: [{k: row[k] for k in ("epoch", "paired_harmful", "paired_benign",
                                                                 "borderline", "score")} for row in stage["validation"]]
-                                   for name, stage in alt["stages"].items()}})
-        out.extend({**old, "settings": {"extra_pairs": False} | old["settings"]} for old in alt.get("alternatives", []))
+                                   for name, stage in alt["stages"].items()}}
+        if score is not None and (Path(path).parent / "adapter_model.safetensors").is_file():
+            entry["validation_now"] = score(Path(path).parent)
+        out.append(entry)
+        out.extend({**old, "settings": OLD_DEFAULTS | old["settings"]} for old in alt.get("alternatives", []))
     return out
+
+
+def adapter_validation(args, folder: Path) -> dict:
+    """The validation scores (this run's rows) of the adapter in ``folder`` merged into ``args.base``."""
+    from peft import PeftModel
+
+    model = load_model(args.base, device="cpu", bridge=False)
+    with torch.no_grad():
+        model.hf_model = PeftModel.from_pretrained(model.hf_model, folder).merge_and_unload()
+    return validation_scores(model, limit=args.limit, question_pairs=args.question_pairs)
 
 
 def _stage_done(folder: Path, settings: dict) -> dict | None:
@@ -483,6 +516,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="SFT on the first N tokens of each answer only (cut_answer); 0: whole answers")
     parser.add_argument("--extra-pairs", action=argparse.BooleanOptionalAction, default=True,
                         help="train on the supplementary train-only pairs too (paired_prompts_extra.csv)")
+    parser.add_argument("--question-pairs", action=argparse.BooleanOptionalAction, default=False,
+                        help="train on the question-frame pairs' train split and validate on their validation split "
+                             "too (paired_questions.csv)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--base", default="embedded-base", help="the model to align (a tiny one for tests)")
     parser.add_argument("--limit", type=int, default=None, help="N prompts per role and validation set (smoke test)")
@@ -500,17 +536,19 @@ def main(argv=None):
     torch.set_grad_enabled(True)
     parts = Path(f"{args.out}-parts")
 
-    prompts = training_prompts(args.limit, args.extra_pairs)
+    prompts = training_prompts(args.limit, args.extra_pairs, args.question_pairs)
     check_no_near_copies(prompts["refuse"] + prompts["answer"])
-    kept = prompts if args.limit is None else training_prompts(extra_pairs=args.extra_pairs)  # the same scan once
-    dropped = {role: len(c) - len(set(c) & set(kept[role])) for role, c in candidate_prompts(args.extra_pairs).items()}
+    kept = prompts if args.limit is None else training_prompts(extra_pairs=args.extra_pairs,  # the same scan once
+                                                               question_pairs=args.question_pairs)
+    dropped = {role: len(c) - len(set(c) & set(kept[role]))
+               for role, c in candidate_prompts(args.extra_pairs, args.question_pairs).items()}
     base = load_model(args.base, device="cpu", bridge=False)
     answers = dict(zip(prompts["answer"], answers_for(base, prompts["answer"], max_new_tokens=args.answer_tokens)))
-    base_scores = validation_scores(base, limit=args.limit)
+    base_scores = validation_scores(base, limit=args.limit, question_pairs=args.question_pairs)
     print(f"validation of the base model: {base_scores}", flush=True)
 
     sft_settings = {k: getattr(args, k) for k in ("epochs", "lr", "rank", "answer_tokens", "sft_answer_tokens",
-                                                  "pair_weight", "extra_pairs", "seed", "base", "limit")}
+                                                  "pair_weight", "extra_pairs", "question_pairs", "seed", "base", "limit")}
     sft = _stage_done(parts / "sft", sft_settings)
     if sft is None:
         sft = {"settings": sft_settings, **sft_stage(base, answers, args, parts / "sft")}
@@ -551,7 +589,7 @@ def main(argv=None):
         "selection": "per stage, the epoch with the best mean of the three validation rates; then the stage with "
                      "the better best epoch (ties: sft). No test half, D_o or XSTest prompt is used.",
         "best_validation": best,
-        "alternatives": alternatives_record(args.alternative),
+        "alternatives": alternatives_record(args.alternative, lambda folder: adapter_validation(args, folder)),
         "stages": {name: {k: v for k, v in stage.items() if k != "history"} for name, stage in stages.items()},
         "adapter_bytes": size,
         "seconds_total": round(time.time() - start, 1),  # this run's; a resumed run reuses finished stages

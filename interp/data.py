@@ -16,6 +16,9 @@ Three structured sets are CSV files with their own loaders:
   pair ``k`` is ``train`` when ``k % 10 < 5``, ``validation`` when ``k % 10`` is 5 or 6, ``test``
   otherwise (200 / 80 / 120 pairs); ``load_pairs(part, extra=True)`` appends 240 train-only
   supplementary pairs (``paired_prompts_extra.csv``: 10 categories x 24, 16 frames, a third short);
+  ``questions=True`` appends 90 question-frame pairs (``paired_questions.csv``: "Where can I ...?",
+  "Why should ...?" and four more, 10 categories x 9, ids ``<category>-qNN``): ``qNN`` with
+  ``NN % 3 == 2`` is ``validation`` (30), the rest ``train`` (60); ``test`` never changes;
 - ``load_borderline(part)``: safe requests with alarming words, in XSTest's ten types but written
   for this project (250; per type, prompt ``k`` is ``validation`` when ``k % 5 == 4``, else
   ``train``: 200 / 50);
@@ -42,6 +45,7 @@ PARTS = ("all", "train", "test")
 PAIR_PARTS = ("all", "train", "validation", "test")
 PAIRS_FILE = "paired_prompts.csv"
 EXTRA_PAIRS_FILE = "paired_prompts_extra.csv"
+QUESTION_PAIRS_FILE = "paired_questions.csv"
 BORDERLINE_FILE = "borderline_safe.csv"
 XSTEST_FILE = "xstest_prompts.csv"
 
@@ -155,13 +159,20 @@ class Pair:
         return self.pair_id.rsplit("-", 1)[1].startswith("x")
 
     @property
+    def question(self) -> bool:
+        """One of the question-frame supplementary pairs (ids ``<category>-qNN``)."""
+        return self.pair_id.rsplit("-", 1)[1].startswith("q")
+
+    @property
     def index(self) -> int:
-        return int(self.pair_id.rsplit("-", 1)[1].lstrip("x"))
+        return int(self.pair_id.rsplit("-", 1)[1].lstrip("xq"))
 
     @property
     def part(self) -> str:
         if self.extra:
             return "train"
+        if self.question:
+            return "validation" if self.index % 3 == 2 else "train"
         k = self.index % 10
         return "train" if k < 5 else "validation" if k < 7 else "test"
 
@@ -182,11 +193,12 @@ def _check_part(part: str, parts: tuple[str, ...]) -> str:
     return part
 
 
-def load_pairs(part: str = "all", extra: bool = False) -> list[Pair]:
+def load_pairs(part: str = "all", extra: bool = False, questions: bool = False) -> list[Pair]:
     """The paired set (module docstring), optionally one split; ``extra``: with the train-only
-    supplementary pairs appended (they belong to ``train`` and ``all`` only)."""
+    supplementary pairs appended (they belong to ``train`` and ``all`` only); ``questions``: with
+    the question-frame pairs appended (``train`` and ``validation``, never ``test``)."""
     _check_part(part, PAIR_PARTS)
-    files = [PAIRS_FILE] + ([EXTRA_PAIRS_FILE] if extra else [])
+    files = [PAIRS_FILE] + ([EXTRA_PAIRS_FILE] if extra else []) + ([QUESTION_PAIRS_FILE] if questions else [])
     pairs = [Pair(r["pair_id"], r["category"], r["frame"], r["harmful"], r["benign"])
              for name in files for r in _csv_rows(name)]
     validate_prompts([p.harmful for p in pairs] + [p.benign for p in pairs], " + ".join(files))

@@ -15,6 +15,7 @@ from finetune.align import (
     combine_adapters,
     cut_answer,
     evaluation_prompts,
+    held_out_prompts,
     near_copies,
     sft_rows,
     training_prompts,
@@ -31,7 +32,9 @@ def prompts():
 
 def test_training_prompts_hold_no_held_out_row_and_no_near_copy(prompts):
     train = set(prompts["refuse"]) | set(prompts["answer"])
-    held_out = evaluation_prompts() + sum(validation_prompts().values(), [])
+    held_out = held_out_prompts()
+    assert set(evaluation_prompts()) | set(sum(validation_prompts(question_pairs=True).values(), [])) == set(held_out)
+    assert set(sum(validation_prompts().values(), [])) < set(held_out)  # the question pairs' validation too
     assert not train & set(held_out)
     assert not near_copies(sorted(train), held_out)  # word-set Jaccard > 0.8
     xstest = {x.prompt for x in load_xstest()}
@@ -62,6 +65,22 @@ def test_supplementary_pairs_join_training_only_when_asked(prompts):
         kept = texts & set(prompts[role])
         assert len(kept) >= len(texts) - 5  # at most a few dropped as near-copies of held-out prompts
         assert set(prompts[role]) - kept == set(without[role])
+
+
+def test_question_pairs_join_training_and_validation_only_when_asked(prompts):
+    questions = [p for p in load_pairs("all", questions=True) if p.question]
+    train = [p for p in questions if p.part == "train"]
+    held = [p for p in questions if p.part == "validation"]
+    with_questions = training_prompts(question_pairs=True)
+    for role, side in (("refuse", "harmful"), ("answer", "benign")):
+        texts = {getattr(p, side) for p in train}
+        assert not texts & set(prompts[role]) and texts <= set(with_questions[role])
+        assert set(with_questions[role]) - texts == set(prompts[role])
+        assert not {getattr(p, side) for p in held} & set(with_questions[role])
+    plain, asked = validation_prompts(), validation_prompts(question_pairs=True)
+    assert asked["paired_harmful"] == plain["paired_harmful"] + [p.harmful for p in held]
+    assert asked["paired_benign"] == plain["paired_benign"] + [p.benign for p in held]
+    assert asked["borderline"] == plain["borderline"]
 
 
 def _random_adapter(tiny_dir, folder, seed: int, rank: int = 2):
@@ -164,7 +183,8 @@ def test_the_shipped_adapter_matches_its_recorded_recipe():
     folder = PACKAGE_WEIGHTS / ALIGNED_ADAPTER
     recipe = json.loads((folder / "recipe.json").read_text())
     config = json.loads((folder / "adapter_config.json").read_text())
-    prompts = training_prompts(extra_pairs=recipe["settings"].get("extra_pairs", False))
+    prompts = training_prompts(extra_pairs=recipe["settings"].get("extra_pairs", False),
+                               question_pairs=recipe["settings"].get("question_pairs", False))
     for role in ("refuse", "answer"):
         assert recipe["data"][role]["hash"] == prompts_hash(prompts[role]), role
         assert recipe["data"][role]["n"] == len(prompts[role])
@@ -183,6 +203,7 @@ def test_the_command_line_defaults_are_the_shipped_recipe():
     knobs = {k: v for k, v in recipe["settings"].items() if k not in ("out", "ship", "alternative")}
     assert {k: defaults[k] for k in knobs} == knobs
     assert defaults["extra_pairs"] == recipe["settings"].get("extra_pairs", False)
+    assert defaults["question_pairs"] == recipe["settings"].get("question_pairs", False)
 
 
 def test_alternatives_keep_the_history_of_earlier_choices(tmp_path):
@@ -196,4 +217,10 @@ def test_alternatives_keep_the_history_of_earlier_choices(tmp_path):
     record = alternatives_record([str(tmp_path / "new.json")])
     assert [r["best_validation"]["sft"] for r in record] == [0.7, 0.5]
     assert [r["settings"]["extra_pairs"] for r in record] == [True, False]  # older runs had no supplement
+    assert [r["settings"]["question_pairs"] for r in record] == [False, False]
+    assert all("validation_now" not in r for r in record)
+    # with a scorer, the adapter beside a recipe.json is scored on today's validation rows
+    (tmp_path / "adapter_model.safetensors").write_bytes(b"")
+    scored = alternatives_record([str(tmp_path / "new.json")], score=lambda folder: {"score": str(folder)})
+    assert scored[0]["validation_now"] == {"score": str(tmp_path)} and "validation_now" not in scored[1]
     assert "out" not in record[1]["settings"] and "loss" not in record[1]["validation"]["sft"][0]

@@ -124,6 +124,32 @@ def test_supplementary_pairs_are_train_only_in_matched_frames():
                for p in extra)
 
 
+QUESTION_OPENINGS = {"where_can_i": ("Where can I",), "which_is_best": ("Which",), "how_much": ("How much",),
+                     "what_do_i_need": ("What do I need",), "why_should": ("Why should",),
+                     "why_are": ("Why are", "Why is", "Why do", "Why does")}
+
+
+def test_question_pairs_split_into_train_and_validation_only():
+    from collections import Counter
+
+    from interp.data import load_pairs
+
+    questions = [p for p in load_pairs("all", questions=True) if p.question]
+    assert len(questions) == 90 and all(n == 9 for n in Counter(p.category for p in questions).values())
+    assert len({p.category for p in questions}) == 10 and {p.frame for p in questions} == set(QUESTION_OPENINGS)
+    assert Counter(p.part for p in questions) == {"train": 60, "validation": 30}
+    assert load_pairs("test", extra=True, questions=True) == load_pairs("test")  # test never changes
+    validation = load_pairs("validation", questions=True)
+    assert validation[:80] == load_pairs("validation") and all(p.question for p in validation[80:])
+    train = load_pairs("train", extra=True, questions=True)
+    assert train[:440] == load_pairs("train", extra=True) and len(train) == 500
+    earlier = {t for p in load_pairs("all", extra=True) for t in (p.harmful, p.benign)}
+    sides = [{t for p in questions if p.part == part for t in (p.harmful, p.benign)} for part in ("train", "validation")]
+    assert not earlier & (sides[0] | sides[1]) and not sides[0] & sides[1]
+    assert all(p.harmful.startswith(QUESTION_OPENINGS[p.frame]) and p.benign.startswith(QUESTION_OPENINGS[p.frame])
+               and p.harmful.endswith("?") and p.benign.endswith("?") for p in questions)
+
+
 def test_borderline_and_xstest_loaders():
     from interp.data import load_borderline, load_xstest
 
