@@ -516,7 +516,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="SFT on the first N tokens of each answer only (cut_answer); 0: whole answers")
     parser.add_argument("--extra-pairs", action=argparse.BooleanOptionalAction, default=True,
                         help="train on the supplementary train-only pairs too (paired_prompts_extra.csv)")
-    parser.add_argument("--question-pairs", action=argparse.BooleanOptionalAction, default=False,
+    parser.add_argument("--question-pairs", action=argparse.BooleanOptionalAction, default=True,
                         help="train on the question-frame pairs' train split and validate on their validation split "
                              "too (paired_questions.csv)")
     parser.add_argument("--seed", type=int, default=0)
