@@ -434,14 +434,19 @@ def alternatives_record(paths: list[str], score=None) -> list[dict]:
     return out
 
 
-def adapter_validation(args, folder: Path) -> dict:
-    """The validation scores (this run's rows) of the adapter in ``folder`` merged into ``args.base``."""
+def merged_model(base: str, adapter: Path):
+    """``base`` loaded on the CPU without a bridge, with the LoRA adapter in ``adapter`` merged in."""
     from peft import PeftModel
 
-    model = load_model(args.base, device="cpu", bridge=False)
+    model = load_model(base, device="cpu", bridge=False)
     with torch.no_grad():
-        model.hf_model = PeftModel.from_pretrained(model.hf_model, folder).merge_and_unload()
-    return validation_scores(model, limit=args.limit, question_pairs=args.question_pairs)
+        model.hf_model = PeftModel.from_pretrained(model.hf_model, adapter).merge_and_unload()
+    return model
+
+
+def adapter_validation(args, folder: Path) -> dict:
+    """The validation scores (this run's rows) of the adapter in ``folder`` merged into ``args.base``."""
+    return validation_scores(merged_model(args.base, folder), limit=args.limit, question_pairs=args.question_pairs)
 
 
 def _stage_done(folder: Path, settings: dict) -> dict | None:
@@ -558,11 +563,7 @@ def main(argv=None):
         dpo_settings = {**sft_settings, **{k: getattr(args, k) for k in ("dpo_epochs", "dpo_lr", "beta", "dpo_eval_every", "dpo_refuse_weight")}}
         dpo = _stage_done(parts / "dpo", dpo_settings)
         if dpo is None:
-            from peft import PeftModel
-
-            stage1 = load_model(args.base, device="cpu", bridge=False)
-            with torch.no_grad():
-                stage1.hf_model = PeftModel.from_pretrained(stage1.hf_model, parts / "sft" / "adapter").merge_and_unload()
+            stage1 = merged_model(args.base, parts / "sft" / "adapter")
             harmful = prompts["refuse"]
             base_answers = dict(zip(harmful, answers_for(base, harmful, max_new_tokens=args.answer_tokens)))
             dpo = {"settings": dpo_settings, **dpo_stage(stage1, answers, base_answers, args, parts / "dpo")}
