@@ -204,8 +204,17 @@ def run_study(spec: str, safety, config: StudyConfig, out: Path, log=print) -> l
     """Every run of the study (resuming finished ones), plus the "before" evaluation (step 0)."""
     from interp.models import load_model
 
+    from finetune import masks as M
+    from interp.ranges import LayerRangeError
+
     out = Path(out)
     base = load_model(spec, device=config.device, template=config.template, bridge=False)
+    safety.check(base.n_layers)
+    if any(mode.partition("@")[0] == "ablation" for mode in config.run_modes()):
+        try:  # fail before any run, not after the others have trained
+            M.ablation_range(safety, base.n_layers)
+        except LayerRangeError as err:
+            raise LayerRangeError(f"{err}, so the ablation has no range; leave ablation out of the modes") from None
     pairs = {"train": D.benign_pairs(base, "train", limit=config.train_size, max_new_tokens=96)}
     pairs["quality"] = D.benign_pairs(base, "test", limit=config.quality, max_new_tokens=96)
     settings = {"spec": spec, "fingerprint": base.fingerprint(), "safety": str(safety), "config": run_key(config),

@@ -473,3 +473,16 @@ def test_reverse_control_runs_can_be_named_on_the_command_line():
     config = study_config(parse_args(["--layers", "2,4", "--paper-settings", "--modes", "sppft@full_lr,full@sppft_lr"]))
     assert config.run_modes() == ["sppft@full_lr", "full@sppft_lr"]
     assert [config.lr_for(m) for m in config.run_modes()] == [PAPER_LR["full"], PAPER_LR["frozen"]]
+
+
+def test_a_study_whose_ablation_cannot_fit_fails_before_any_run(tiny_dir, tmp_path):
+    """On 4 layers no 2-layer range lies outside [1,2]: the study must say so before training the
+    other modes (``make demo`` once lost six minutes of SPPFT and full runs to this)."""
+    from interp.ranges import LayerRangeError
+
+    config = StudyConfig(modes=("sppft", "full", "ablation"), seeds=(0,), steps=1, device="cpu")
+    with pytest.raises(LayerRangeError, match="leave ablation out of the modes"):
+        run_study(str(tiny_dir), LayerRange(1, 2), config, tmp_path)
+    assert not (tmp_path / "runs").exists()
+    with pytest.raises(LayerRangeError):  # a range past the model's last layer fails there too
+        run_study(str(tiny_dir), LayerRange(2, 4), StudyConfig(modes=("sppft",), seeds=(0,), device="cpu"), tmp_path)
