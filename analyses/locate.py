@@ -1,6 +1,6 @@
 """Locate the safety layers by scaling (Li et al. §3.4-3.5): the upper- then lower-bound sweep.
 
-    python -m analyses.locate --model embedded [--init 6,12 | --init-from results/existence/existence.json]
+    python -m analyses.locate --model embedded [--init 6,12 [--init 14,22 ...] | --init-from FILE [--all-bands]]
         [--alpha 1.2 | --choose-alpha] [--window 2 | --upper-offsets=-3,3 --lower-offsets=-2,4]
         [--method prune|generation|fast|estimate] [--components all|paper-code|q,k,v,...]
         [--limit N [--sample first|spread]] [--template chat|alpaca] [--out results/locate]
@@ -10,6 +10,11 @@ model refuses, greedy with ``--max-new-tokens`` (16, the paper's code), judged b
 ``interp.judge``.  The initial range is ``--init``, or from an existence analysis (``--init-from``):
 the band where the aligned model's paired gap exceeds the base model's on validation pairs when
 the file holds one (the wording control), else the unpaired onset rule's suggestion.
+The search is local, so where it starts can decide what it finds.  Several starts (``--init``
+given more than once, or ``--all-bands``: every distinct validation band of the existence file,
+where the paired gap's difference is above zero and where the two models' intervals part) each
+run into ``--out/start-A-B/`` and the range with the best R_o (the search's own objective) is
+written to ``--out``, with ``starts.csv`` listing every start.
 ``--method`` (``interp.ro_search``): ``prune`` (default; generated R_o, with candidates the
 first-step bound proves cannot win skipped), ``generation`` (every candidate generated), ``fast``
 (first-step estimate, ``--keep`` best per sweep generated) or ``estimate``.
@@ -19,7 +24,7 @@ of R_o over the lower-bound sweep reaches ``--target-std``, by default 17.5 per 
 
 Writes under ``--out``: ``located.json`` (``interp.export``; read by fine-tuning), ``sweeps.csv``,
 ``sweeps.png`` and ``cache/ro_cache_*.json`` (every evaluated configuration, so an interrupted or
-widened run continues where it stopped).
+widened run continues where it stopped; the starts of one run share it).
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ from interp.io import atomic_savefig, atomic_write_csv
 from interp.overrejection import DATASET, DEFAULT_MAX_NEW_TOKENS, over_rejection_prompts
 from interp.plots import plot_sweeps
 from interp.ranges import LayerRange, LayerRangeError
-from interp.ro_search import METHODS, LocateRun, locate_layers
+from interp.ro_search import METHODS, LocateRun, best_run, locate_layers
 from interp.scaling import ALL_COMPONENTS, PAPER_CODE_COMPONENTS, check_components
 
 DEFAULT_EXISTENCE = "results/existence/existence.json"
@@ -62,6 +67,22 @@ def parse_offsets(text: str | None):
     if lo > hi:
         raise UsageError(f"offsets {text!r}: the first must not exceed the second")
     return list(range(lo, hi + 1))
+
+
+def initials_from_existence(path: str | Path, spec: str | None = None) -> list[LayerRange]:
+    """Every distinct start an existence JSON offers for ``spec``: the validation bands where the
+    paired gap's difference is above zero and where the two models' gap intervals part (in that
+    order), or, without them, ``initial_from_existence``'s single start."""
+    first = initial_from_existence(path, spec)
+    data = json.loads(Path(path).read_text())
+    entry = next((m for m in data["models"] if m.get("model") == spec), data["models"][0])
+    if paired_band(data, entry.get("model")) is None or (data.get("config") or {}).get("pairs_part", "test") == "test":
+        return [first]
+    starts = [first]
+    band = paired_band(data, entry.get("model"), "non_overlapping")
+    if band is not None and LayerRange(int(band[0]), int(band[1])) not in starts:
+        starts.append(LayerRange(int(band[0]), int(band[1])))
+    return starts
 
 
 def initial_from_existence(path: str | Path, spec: str | None = None) -> LayerRange:
@@ -101,22 +122,27 @@ def initial_from_existence(path: str | Path, spec: str | None = None) -> LayerRa
                           "with --pairs-part validation, or pass --init START,END")
 
 
-def paired_band(data: dict, model: str | None) -> list[int] | None:
-    """The band of layers where ``model``'s paired gap (the rule's definition, raw) exceeds the
-    compared model's, from an existence JSON's ``paired.comparison``; ``None`` if there is none."""
+def paired_band(data: dict, model: str | None, kind: str = "difference_above_zero") -> list[int] | None:
+    """A band of layers from an existence JSON's ``paired.comparison`` (the rule's gap definition,
+    raw): where ``model``'s paired gap exceeds the compared model's (``difference_above_zero``) or
+    where the two models' intervals do not overlap (``non_overlapping``); ``None`` if there is none."""
     comparison = (data.get("paired") or {}).get("comparison") or {}
     if comparison.get("a") != model:
         return None
     gap = (data.get("config") or {}).get("gap", "code")
-    return ((comparison.get("bands") or {}).get(f"gap_{gap}") or {}).get("difference_above_zero")
+    return ((comparison.get("bands") or {}).get(f"gap_{gap}") or {}).get(kind)
 
 
 def parse_args(argv=None):
     parser = parser_for(__doc__)
     add_model_options(parser)
     start = parser.add_mutually_exclusive_group()
-    start.add_argument("--init", help="initial range START,END (0-indexed, inclusive)")
+    start.add_argument("--init", action="append",
+                       help="initial range START,END (0-indexed, inclusive); give it again for more starts")
     start.add_argument("--init-from", help=f"existence-analysis JSON with the suggested range (default {DEFAULT_EXISTENCE})")
+    parser.add_argument("--all-bands", action="store_true",
+                        help="with --init-from: start from every distinct validation band of the file and keep "
+                             "the range with the best R_o")
     parser.add_argument("--alpha", type=float, default=1.2, help="scale; > 1 maximises R_o, < 1 minimises it")
     parser.add_argument("--choose-alpha", action="store_true", help="pick alpha by the paper's std rule")
     parser.add_argument("--alpha-step", type=float, default=0.05)
@@ -145,8 +171,14 @@ def parse_args(argv=None):
     args.lower = parse_offsets(args.lower_offsets)
     if args.alpha <= 0 or args.alpha == 1:
         raise UsageError(f"--alpha must be > 0 and differ from 1, got {args.alpha}")
-    args.initial = LayerRange.parse(args.init) if args.init else initial_from_existence(
-        args.init_from or DEFAULT_EXISTENCE, args.model)
+    if args.all_bands and args.init:
+        raise UsageError("--all-bands reads its starts from an existence file; use it with --init-from, not --init")
+    if args.init:
+        args.initials = list(dict.fromkeys(LayerRange.parse(text) for text in args.init))
+    elif args.all_bands:
+        args.initials = initials_from_existence(args.init_from or DEFAULT_EXISTENCE, args.model)
+    else:
+        args.initials = [initial_from_existence(args.init_from or DEFAULT_EXISTENCE, args.model)]
     return args
 
 
@@ -179,13 +211,34 @@ def main(argv=None) -> LocateRun:
     if args.choose_alpha:
         target = args.target_std if args.target_std is not None else 17.5 * len(queries) / 721
         alpha_rule = {"step": args.alpha_step, "target_std": target, "max_steps": args.max_alpha_steps}
-    run = locate_layers(
-        model, queries, args.initial, alpha=args.alpha, window=args.window, upper_offsets=args.upper,
-        lower_offsets=args.lower, method=args.method, keep=args.keep, components=args.components,
-        max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, cache_dir=args.out / "cache",
-        alpha_rule=alpha_rule, extend=args.extend,
-    )
-    written = write_outputs(args.out, run, model, queries, args)
+    for initial in args.initials:  # a bad range fails before any search runs
+        initial.check(model.n_layers)
+    runs = []
+    for initial in args.initials:
+        if len(args.initials) > 1:
+            print(f"start {initial} ({len(runs) + 1} of {len(args.initials)})")
+        runs.append(locate_layers(
+            model, queries, initial, alpha=args.alpha, window=args.window, upper_offsets=args.upper,
+            lower_offsets=args.lower, method=args.method, keep=args.keep, components=args.components,
+            max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, cache_dir=args.out / "cache",
+            alpha_rule=alpha_rule, extend=args.extend,
+        ))
+    if len(runs) == 1:
+        run = runs[0]
+        written = write_outputs(args.out, run, model, queries, args)
+    else:
+        for initial, each in zip(args.initials, runs):
+            write_outputs(args.out / f"start-{initial.start}-{initial.end}", each, model, queries, args)
+        best = best_run(runs)
+        run = runs[best]
+        starts = pd.DataFrame([{"start": str(initial), "located": str(each.result.range),
+                                "R_o": each.result.located_r_o, "baseline_R_o": each.result.baseline,
+                                "chosen": n == best, "folder": f"start-{initial.start}-{initial.end}"}
+                               for n, (initial, each) in enumerate(zip(args.initials, runs))])
+        written = write_outputs(args.out, run, model, queries, args) + [atomic_write_csv(args.out / "starts.csv", starts)]
+        print(starts.to_string(index=False))
+        print(f"chosen: {run.result.range} from the start {args.initials[best]} "
+              f"({'highest' if args.alpha > 1 else 'lowest'} R_o of the {len(runs)} starts)")
     if args.ship:
         import shutil
 

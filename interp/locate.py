@@ -93,6 +93,16 @@ class LocateResult:
         return self.range.end
 
     @property
+    def located_r_o(self) -> float | None:
+        """R_o of the located range (the lower sweep's winner; the upper one's if there is no
+        lower sweep), the value a comparison of searches from different starts ranks by."""
+        for rows in (self.lower, self.upper):
+            for row in rows:
+                if row.winner and row.range == self.range and row.r_o is not None:
+                    return row.r_o
+        return None
+
+    @property
     def rows(self) -> list[SweepRow]:
         base = SweepRow("baseline", None, 1.0, None, self.baseline, self.baseline_estimate)
         return [base, *self.upper, *self.lower]

@@ -140,6 +140,24 @@ class LocateRun:
         }
 
 
+def best_run(runs: list[LocateRun]) -> int:
+    """Index of the search, among searches from different starts, whose located range scores best
+    on the search's own objective: the highest R_o for α > 1, the lowest for α < 1; ties go to the
+    earlier start.  The bound search is local (each sweep moves one bound around the other's
+    winner), so where it starts can decide what it finds; running it from several starts and
+    keeping the best is the cheap remedy short of scanning every range."""
+    if not runs:
+        raise ValueError("no searches to choose from")
+    alphas = {run.result.alpha for run in runs}
+    if len(alphas) != 1:
+        raise ValueError(f"searches at different alphas ({sorted(alphas)}) do not compare")
+    sign = -1.0 if runs[0].result.alpha > 1 else 1.0
+    scored = [(sign * run.result.located_r_o, n) for n, run in enumerate(runs) if run.result.located_r_o is not None]
+    if not scored:
+        raise ValueError("no search has an R_o for its located range")
+    return min(scored)[1]
+
+
 def cache_file(folder, model, queries, **settings) -> tuple[Path, dict]:
     meta = {"model_fingerprint": model.fingerprint(), "prompts_hash": prompts_hash(queries),
             "n_prompts": len(queries), "template": model.template, **settings}

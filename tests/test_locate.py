@@ -389,3 +389,90 @@ def test_initial_range_prefers_the_paired_band_of_validation_pairs_only(tmp_path
     record["config"]["pairs_part"] = "test"  # ... unless it came from the test pairs
     path.write_text(json.dumps(record))
     assert initial_from_existence(path, "a") == LayerRange(7, 19)
+
+
+# --- several starts (interp.ro_search.best_run, analyses.locate --init ... --init / --all-bands) --
+
+
+def two_peaks(a=LayerRange(2, 4), b=LayerRange(20, 24)):
+    """R_o with two separate planted ranges, ``b`` twice as strong: a search that starts near
+    ``a`` stays there (the search is local)."""
+    def ro(layer_range, alpha):
+        if layer_range is None:
+            return 100.0
+        return 100.0 + (alpha - 1) * max(200 * jaccard(layer_range, a), 400 * jaccard(layer_range, b))
+    return ro
+
+
+@pytest.mark.parametrize("alpha", [1.2, 0.8])
+def test_best_run_keeps_the_start_whose_range_scores_best(alpha):
+    from interp.ro_search import LocateRun, best_run
+
+    runs = [LocateRun(locate(two_peaks(), start, alpha, 30, window=2), "generation")
+            for start in (LayerRange(2, 4), LayerRange(20, 24), LayerRange(2, 4))]
+    assert [run.result.range for run in runs] == [LayerRange(2, 4), LayerRange(20, 24), LayerRange(2, 4)]
+    assert runs[0].result.located_r_o == pytest.approx(100 + (alpha - 1) * 200)
+    assert runs[1].result.located_r_o == pytest.approx(100 + (alpha - 1) * 400)
+    assert best_run(runs) == 1  # α > 1: the highest R_o; α < 1: the lowest
+    assert best_run([runs[0], runs[2]]) == 0  # ties: the earlier start
+    with pytest.raises(ValueError, match="different alphas"):
+        best_run([runs[0], LocateRun(locate(two_peaks(), LayerRange(2, 4), 1 / alpha, 30, window=2), "generation")])
+    with pytest.raises(ValueError, match="no searches"):
+        best_run([])
+
+
+def test_all_bands_reads_every_distinct_validation_band(tmp_path):
+    from analyses.locate import initials_from_existence
+
+    path = tmp_path / "existence.json"
+    record = {"config": {"gap": "code", "pairs_part": "validation"},
+              "models": [{"model": "a", "suggested_range": {"range": [7, 19], "reason": "x"}}],
+              "paired": {"comparison": {"a": "a", "b": "base", "bands": {
+                  "gap_code": {"difference_above_zero": [12, 29], "non_overlapping": [14, 22]},
+                  "gap_paper": {"difference_above_zero": [3, 4], "non_overlapping": [5, 6]}}}}}
+    path.write_text(json.dumps(record))
+    assert initials_from_existence(path, "a") == [LayerRange(12, 29), LayerRange(14, 22)]
+    record["paired"]["comparison"]["bands"]["gap_code"]["non_overlapping"] = [12, 29]  # the same band once
+    path.write_text(json.dumps(record))
+    assert initials_from_existence(path, "a") == [LayerRange(12, 29)]
+    record["config"]["pairs_part"] = "test"  # test pairs choose nothing: the unpaired suggestion only
+    path.write_text(json.dumps(record))
+    assert initials_from_existence(path, "a") == [LayerRange(7, 19)]
+
+
+def test_analysis_from_several_starts_keeps_the_best(tiny_dir, tmp_path, capsys):
+    import pandas as pd
+
+    from analyses.locate import main
+    from interp.export import load_located
+    from interp.models import load_hf
+
+    out = tmp_path / "locate"
+    main(["--model", str(tiny_dir), "--init", "0,1", "--init", "2,3", "--init", "0,1", "--window", "1",
+          "--limit", "4", "--method", "generation", "--device", "cpu", "--out", str(out)])
+    starts = pd.read_csv(out / "starts.csv")
+    assert list(starts["start"]) == ["[0,1]", "[2,3]"]  # a repeated start runs once
+    plain, _, _ = load_hf(str(tiny_dir))
+    each = [load_located(out / folder / "located.json", model=plain) for folder in starts["folder"]]
+    ro = [next(s["r_o"] for s in e.record["sweeps"] if s["winner"] and s["phase"] == "lower") for e in each]
+    assert list(starts["R_o"]) == ro
+    chosen = max(range(2), key=lambda n: (ro[n], -n))
+    assert list(starts["chosen"]) == [n == chosen for n in range(2)]
+    shipped = load_located(out / "located.json", model=plain)
+    assert shipped.range == each[chosen].range and shipped.record["sweeps"] == each[chosen].record["sweeps"]
+    assert "chosen:" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--init", "1,2", "--init", "2,9"], "does not fit"),
+    (["--init", "1,2", "--all-bands"], "--all-bands"),
+])
+def test_analysis_refuses_bad_starts_before_searching(tiny_dir, tmp_path, capsys, argv, message):
+    from analyses.locate import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--model", str(tiny_dir), "--limit", "4", "--device", "cpu", "--out", str(tmp_path / "x")] + argv)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert any(line.startswith("error: ") and message in line for line in err.splitlines())
+    assert not (tmp_path / "x" / "cache").exists()
