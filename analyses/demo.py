@@ -34,8 +34,8 @@ def steps(out: Path, full: bool) -> list[tuple[str, str, list[str]]]:
          ["--model", "embedded", "--compare", "embedded-base", "--pairs", "--pairs-part", "validation",
           "--out", str(out / "existence")] + subset("--n-boot", "300")),
         ("Location: scaling sweeps and the exported range", "analyses.locate",
-         ["--model", "embedded", "--init-from", str(out / "existence" / "existence.json"), "--out", str(out / "locate"),
-          "--upper-offsets=-3,6", "--lower-offsets=-3,3"] + subset("--limit", "128")),
+         ["--model", "embedded", "--init-from", str(out / "existence" / "existence.json"), "--all-bands",
+          "--window", "3", "--extend", "--out", str(out / "locate")] + subset("--limit", "128")),
         ("Causal localisation: patching, refusal direction, the three views", "analyses.causal",
          ["--model", "embedded", "--located", str(out / "locate" / "located.json"),
           "--existence", str(out / "existence" / "existence.json"), "--out", str(out / "causal")] + subset("--limit", "32", "--gen-pairs", "8", "--train-limit", "64", "--val-limit", "32")),
@@ -46,16 +46,37 @@ def steps(out: Path, full: bool) -> list[tuple[str, str, list[str]]]:
     ]
 
 
+class _ErrorLines:
+    """A stderr that passes everything through and keeps the ``error: ...`` lines an analysis
+    prints before exiting 2, so the report can say why a step failed."""
+
+    def __init__(self, stream):
+        self.stream, self.lines = stream, []
+
+    def write(self, text):
+        self.lines += [line for line in text.splitlines() if line.startswith("error: ")]
+        return self.stream.write(text)
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+
 def run_step(module: str, argv: list[str]) -> tuple[bool, float, str]:
     """Run one analysis's ``main(argv)`` in this process; return (ok, seconds, error text)."""
+    import contextlib
     import importlib
+    import sys
 
     start = time.time()
+    errors = _ErrorLines(sys.stderr)
     try:
-        importlib.import_module(module).main(argv)
+        with contextlib.redirect_stderr(errors):
+            importlib.import_module(module).main(argv)
         return True, time.time() - start, ""
     except SystemExit as exit_:
-        return exit_.code in (0, None), time.time() - start, f"exit {exit_.code}"
+        if exit_.code in (0, None):
+            return True, time.time() - start, ""
+        return False, time.time() - start, "\n".join(errors.lines + [f"exit {exit_.code}"])
     except Exception:  # keep going: the report says what failed
         return False, time.time() - start, traceback.format_exc(limit=3)
 
@@ -108,7 +129,15 @@ def step_summary(module: str, folder: Path) -> list[str]:
         head = (f"**Located range [{located['range']['start']},{located['range']['end']}]** at alpha "
                 f"{located['alpha']} from the initial [{located['initial_range']['start']},{located['initial_range']['end']}]; "
                 f"baseline R_o {located['baseline_r_o']:g} of {located['metric']['n_prompts']} queries ({located['metric']['method']}).")
-        return [head, ""] + markdown_table(sweeps)
+        lines = [head, ""]
+        if (folder / "starts.csv").is_file():  # a search from several starts: which one won
+            import csv
+
+            with open(folder / "starts.csv", newline="") as handle:
+                starts = list(csv.DictReader(handle))
+            lines += ["Searches from each start (the range with the highest R_o is kept; the sweeps below are "
+                      "the chosen start's):", ""] + markdown_table(starts) + [""]
+        return lines + markdown_table(sweeps)
     if module == "analyses.causal" and (record := _read(folder / "causal.json")):
         return [record.get("statement", "")]
     if module == "analyses.sppft" and (results := _read(folder / "results.json")):

@@ -19,6 +19,7 @@ def test_steps_flow_into_each_other_and_full_drops_the_subsets(tmp_path):
     causal_argv = by_module["analyses.causal"]
     assert causal_argv[causal_argv.index("--located") + 1] == str(tmp_path / "locate" / "located.json")
     assert "--limit" in locate_argv and "--pairs" in by_module["analyses.existence"]
+    assert "--all-bands" in locate_argv and "--extend" in locate_argv  # the shipped range's procedure
     existence_argv = by_module["analyses.existence"]
     assert existence_argv[existence_argv.index("--pairs-part") + 1] == "validation"  # locate's start is chosen there
     for _, _, argv in demo.steps(tmp_path, full=True):
@@ -76,3 +77,14 @@ def test_every_step_passes_only_options_its_analysis_knows(tmp_path, monkeypatch
                 raise AssertionError(f"{module} {argv}: {err}") from None
             except Exception:  # a missing input file: the step's own checks, after argparse
                 pass
+
+
+def test_a_failing_step_reports_its_error_line(tmp_path, capsys):
+    """An analysis that rejects its input prints ``error: ...`` and exits 2; the report must say
+    why, not only "exit 2"."""
+    ok, _, error = demo.run_step("analyses.locate", ["--init", "1,2", "--all-bands", "--out", str(tmp_path)])
+    assert not ok
+    assert error.splitlines()[0].startswith("error: --all-bands") and error.endswith("exit 2")
+    assert "error: --all-bands" in capsys.readouterr().err  # still shown while the demo runs
+    ok, _, error = demo.run_step("analyses.judge", ["--help"])  # exit 0 is success
+    assert ok and error == ""
