@@ -10,7 +10,8 @@ with dose curves, the paper's own settings and a learning-rate control (``finetu
 weights) or START,END.  Writes under ``--out``: ``runs/*.json`` (every run's per-request verdicts;
 a finished run is reused, so an interrupted study resumes), ``final.csv`` (R_h per data set, mode
 and harmful set, mean over seeds with a 95% interval over seeds and requests, and task quality),
-``dose.csv``, ``audit.csv``, ``results.json`` and the plots ``sppft.png``, ``dose.png``, ``audit.png``.
+``differences.csv`` (each mode's R_h minus full fine-tuning's, and SPPFT's minus the ablation's,
+paired by seed and request), ``dose.csv``, ``audit.csv``, ``results.json`` and the plots ``sppft.png``, ``dose.png``, ``audit.png``.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import pandas as pd
 
 from analyses.cli import UsageError, add_model_options, main_guard, model_from, parser_for, positive_int
 from finetune import data as D
-from finetune.study import MODES, REVERSE_CONTROL, StudyConfig, audit_table, finished_runs, load_before, run_study, summarise
+from finetune.study import MODES, REVERSE_CONTROL, StudyConfig, audit_table, differences, finished_runs, load_before, run_study, summarise
 from interp.io import atomic_savefig, atomic_write_csv, atomic_write_json
 from interp.plots import plot_audit, plot_dose, plot_protection
 from interp.provenance import versions
@@ -106,9 +107,11 @@ def main(argv=None) -> dict:
     before = load_before(args.out)
     final, dose = summarise(records, before)
     audit = audit_table(records, before)
+    diffs = differences(records)
     seeds = sorted({r.seed for r in records})
     title = f"{args.model}: safety layers {safety}, seeds {','.join(map(str, seeds))}, {config.steps} steps"
     written = [atomic_write_csv(args.out / "final.csv", final.drop(columns="per_seed")),
+               atomic_write_csv(args.out / "differences.csv", diffs),
                atomic_write_csv(args.out / "dose.csv", dose), atomic_write_csv(args.out / "audit.csv", audit),
                atomic_savefig(args.out / "sppft.png", plot_protection(final, title)),
                atomic_savefig(args.out / "dose.png", plot_dose(dose, title))]
@@ -116,13 +119,16 @@ def main(argv=None) -> dict:
         written.append(atomic_savefig(args.out / "audit.png", plot_audit(audit)))
     summary = {"model": args.model, "safety_range": [safety.start, safety.end], "config": asdict(config),
                "runs": [r.name for r in records],
-               "final": final.to_dict("records"), "dose": dose.to_dict("records"),
+               "final": final.to_dict("records"), "differences": diffs.to_dict("records"), "dose": dose.to_dict("records"),
                "audit": audit.to_dict("records"), "before": {k: v for k, v in before.items() if k != "dose"},
                "versions": versions()}
     written.append(atomic_write_json(args.out / "results.json", summary))
     with pd.option_context("display.width", 200, "display.max_columns", 20, "display.max_rows", 200):
         shown = final.assign(**{c: (100 * final[c]).round(1) for c in ("R_h", "lo", "hi")}).drop(columns="per_seed")
         print(shown.to_string(index=False))
+        if not diffs.empty:
+            print("\nR_h difference (points), paired by seed and request:")
+            print(diffs.assign(**{c: (100 * diffs[c]).round(1) for c in ("difference", "lo", "hi")}).to_string(index=False))
     print("wrote", ", ".join(str(p) for p in written))
     return summary
 

@@ -24,7 +24,9 @@ Modes (``MODES``):
   ``full@sppft_lr``, so the learning rate's share of any "protection" is measured.
 
 ``summarise(runs)`` pools the seeds: per set, mode and step the mean R_h with a 95% interval from a
-crossed bootstrap over seeds and requests (``interp.stats.seeds_interval``).
+crossed bootstrap over seeds and requests (``interp.stats.seeds_interval``); ``differences(runs)``
+gives each mode's R_h minus full fine-tuning's (and SPPFT's minus the ablation's), paired by seed and
+request (``interp.stats.seeds_difference``).
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ from finetune.evaluate import HARMFUL_SETS, answered_flags, evaluate, harmful_pr
 from finetune.train import TrainConfig, train
 from interp.data import load_pairs, prompts_hash, sample_rows
 from interp.io import atomic_write_json
-from interp.stats import seeds_interval
+from interp.stats import seeds_difference, seeds_interval
 
 MODES = ("sppft", "full", "ablation", "critical")
 REVERSE_CONTROL = ("sppft@full_lr", "full@sppft_lr")  # SPPFT at full FT's lr and vice versa (``lr_for``)
@@ -313,6 +315,32 @@ def summarise(records: list[RunRecord], before: dict) -> tuple[pd.DataFrame, pd.
                 dose_rows.append({"data": data_name, "mode": mode, "set": name, "step": step,
                                   "R_h": stat["mean"], "lo": stat["lo"], "hi": stat["hi"]})
     return pd.DataFrame(final_rows), pd.DataFrame(dose_rows)
+
+
+def differences(records: list[RunRecord], reference: str = "full") -> pd.DataFrame:
+    """Per data set, harmful set and mode: R_h of the mode minus R_h of ``reference`` (full
+    fine-tuning), paired by seed and request (``interp.stats.seeds_difference``) over the seeds
+    both have finished.  A negative difference whose interval stays below zero means the mode
+    protects better than the reference on that set; a mode compared with the same-size ablation
+    is read from the two rows' difference and the ``sppft``-minus-``ablation`` row."""
+    rows = []
+    runs = {(r.data, r.mode, r.seed): r for r in records}
+    pairs = [(m, reference) for m in dict.fromkeys(r.mode for r in records) if m != reference]
+    if "sppft" in {r.mode for r in records} and "ablation" in {r.mode for r in records}:
+        pairs.append(("sppft", "ablation"))
+    for data_name in dict.fromkeys(r.data for r in records):
+        for mode, ref in pairs:
+            seeds = sorted({s for (d, m, s) in runs if d == data_name and m == mode}
+                           & {s for (d, m, s) in runs if d == data_name and m == ref})
+            if not seeds:
+                continue
+            for name in HARMFUL_SETS:
+                stat = seeds_difference([runs[data_name, mode, s].final[name] for s in seeds],
+                                        [runs[data_name, ref, s].final[name] for s in seeds])
+                rows.append({"data": data_name, "mode": mode, "reference": ref, "set": name,
+                             "difference": stat["mean"], "lo": stat["lo"], "hi": stat["hi"],
+                             "seeds": stat["n_seeds"], "n": stat["n_requests"]})
+    return pd.DataFrame(rows, columns=["data", "mode", "reference", "set", "difference", "lo", "hi", "seeds", "n"])
 
 
 def audit_table(records: list[RunRecord], before: dict) -> pd.DataFrame:

@@ -27,7 +27,7 @@ from finetune import masks as M
 from finetune import importance as I
 from finetune import study as S
 from finetune.evaluate import HARMFUL_SETS
-from finetune.study import PAPER_LR, RunRecord, StudyConfig, audit_table, frozen_setup, run_study, summarise
+from finetune.study import PAPER_LR, RunRecord, StudyConfig, audit_table, differences, frozen_setup, run_study, summarise
 from finetune.train import mask_range, optimizer_groups
 from interp.models import load_model
 from interp.ranges import LayerRange
@@ -423,6 +423,67 @@ def test_repeating_a_seed_does_not_narrow_the_interval():
     other = [bool(x) for x in rng.random(200) < 0.7]
     mixed = seeds_interval([one, one, other], n_boot=4000)
     assert mixed["hi"] - mixed["lo"] > 1.5 * (single["hi"] - single["lo"])
+
+
+def test_seeds_difference_matches_a_hand_computation():
+    """The paired bootstrap written out with loops: one draw of seeds and one of requests per
+    replicate, both arrays scored on it (same random stream as ``seeds_difference``)."""
+    from interp.stats import seeds_difference
+
+    rng = np.random.default_rng(11)
+    a = (rng.random((3, 9)) < 0.3).tolist()
+    b = (rng.random((3, 9)) < 0.6).tolist()
+    n_boot = 500
+    draws = np.random.default_rng(0)
+    seed_draws = draws.integers(0, 3, size=(n_boot, 3))
+    req_draws = draws.integers(0, 9, size=(n_boot, 9))
+    boots = sorted(sum(float(a[seed_draws[k, i]][req_draws[k, j]]) - float(b[seed_draws[k, i]][req_draws[k, j]])
+                       for i in range(3) for j in range(9)) / 27 for k in range(n_boot))
+    stat = seeds_difference(a, b, n_boot=n_boot)
+    assert stat["mean"] == pytest.approx(np.mean(a) - np.mean(b))
+    assert (stat["lo"], stat["hi"]) == (pytest.approx(np.quantile(boots, 0.025)), pytest.approx(np.quantile(boots, 0.975)))
+    assert (stat["n_seeds"], stat["n_requests"]) == (3, 9)
+    same = seeds_difference(a, a)
+    assert (same["mean"], same["lo"], same["hi"]) == (0.0, 0.0, 0.0)
+    with pytest.raises(ValueError):
+        seeds_difference(a, [row[:8] for row in b])
+
+
+def test_pairing_narrows_the_difference_when_runs_agree():
+    """Two modes that answer the same hard requests and differ on a few: the paired interval on
+    the difference is far narrower than the unpaired intervals' spread, and excludes zero."""
+    from interp.stats import seeds_difference, seeds_interval
+
+    rng = np.random.default_rng(5)
+    hard = rng.random(200) < 0.3  # the requests every mode tends to answer
+    base = hard[None, :] & (rng.random((3, 200)) < 0.9)
+    worse = hard[None, :] | (rng.random((3, 200)) < 0.08)  # those, plus about 8% more
+    paired = seeds_difference(worse, base)
+    one, other = seeds_interval(worse), seeds_interval(base)
+    assert paired["lo"] > 0
+    assert paired["hi"] - paired["lo"] < 0.6 * ((one["hi"] - one["lo"]) + (other["hi"] - other["lo"])) / 2
+    assert one["lo"] < other["hi"]  # the separate intervals overlap: only the pairing shows the difference
+
+
+def test_differences_pair_modes_by_seed_and_request():
+    from interp.stats import seeds_difference
+
+    records, _ = _synthetic_records()
+    ablation = [RunRecord("normal", "ablation", r.seed, r.lr, {}, final=r.final, quality=r.quality)
+                for r in records if r.mode == "sppft" and r.seed != 1]  # seed 1 unfinished
+    table = differences(records + ablation)
+    assert set(zip(table["mode"], table["reference"])) == {("sppft", "full"), ("ablation", "full"), ("sppft", "ablation")}
+    for mode, ref, seeds in (("sppft", "full", [0, 1, 2]), ("ablation", "full", [0, 2]), ("sppft", "ablation", [0, 2])):
+        runs = {(r.mode, r.seed): r for r in records + ablation}
+        for name in HARMFUL_SETS:
+            row = table[(table["mode"] == mode) & (table["reference"] == ref) & (table["set"] == name)].iloc[0]
+            stat = seeds_difference([runs[mode, s].final[name] for s in seeds], [runs[ref, s].final[name] for s in seeds])
+            assert (row["difference"], row["lo"], row["hi"]) == (pytest.approx(stat["mean"]), pytest.approx(stat["lo"]),
+                                                                  pytest.approx(stat["hi"]))
+            assert row["seeds"] == len(seeds) and row["n"] == len(runs[mode, 0].final[name])
+            if (mode, ref) == ("sppft", "ablation"):  # the ablation copies SPPFT's verdicts
+                assert (row["difference"], row["lo"], row["hi"]) == (0.0, 0.0, 0.0)
+    assert differences([r for r in records if r.mode == "sppft"]).empty  # no reference, no rows
 
 
 def test_audit_table_matches_a_hand_computation():
