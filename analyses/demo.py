@@ -144,7 +144,14 @@ def step_summary(module: str, folder: Path) -> list[str]:
         rows = [{"data": r["data"], "mode": r["mode"], "set": r["set"],
                  "R_h (95% CI)": f"{r['R_h']:.0%} ({r['lo']:.0%}-{r['hi']:.0%})", "ROUGE-L": f"{r['rouge_l']:.3f}"}
                 for r in results["final"]]
-        return [f"Safety range {results['safety_range']}:", ""] + markdown_table(rows)
+        lines = [f"Safety range {results['safety_range']}:", ""] + markdown_table(rows)
+        diffs = [{"data": d["data"], "mode": f"{d['mode']} minus {d['reference']}", "set": d["set"],
+                  "R_h difference (95% CI)": f"{100 * d['difference']:+.1f} points ({100 * d['lo']:+.1f} to "
+                                             f"{100 * d['hi']:+.1f})"}
+                 for d in results.get("differences", [])]
+        if diffs:
+            lines += ["", "Paired by seed and request (`differences.csv`):", ""] + markdown_table(diffs)
+        return lines
     return []
 
 
@@ -158,12 +165,13 @@ def report(out: Path, done: list[dict]) -> Path:
                   f"{status} in {step['seconds']:.0f} s", ""]
         if step["error"]:
             lines += ["```", step["error"].strip(), "```", ""]
-        lines += step_summary(step["module"], folder) + [""]
-        for png in sorted(folder.glob("*.png")):
-            lines += [f"![{png.stem}]({png.relative_to(out)})", ""]
-        for js in sorted(folder.glob("*.json")):
-            lines += [f"- [{js.name}]({js.relative_to(out)})"]
-        lines += [""]
+        if step["ok"]:  # a failed step's folder may hold an earlier run's files: show none of them
+            lines += step_summary(step["module"], folder) + [""]
+            for png in sorted(folder.glob("*.png")):
+                lines += [f"![{png.stem}]({png.relative_to(out)})", ""]
+            for js in sorted(folder.glob("*.json")):
+                lines += [f"- [{js.name}]({js.relative_to(out)})"]
+            lines += [""]
     path = out / "report.md"
     atomic_write_text(path, "\n".join(lines))
     return path

@@ -39,19 +39,35 @@ def test_report_shows_each_steps_numbers_and_failures(tmp_path):
         "baseline_r_o": 42.0, "metric": {"n_prompts": 64, "method": "generation"},
         "sweeps": [{"phase": "upper", "start": 7, "end": 9, "r_o": 60.0, "estimate": None, "winner": True}],
     }))
+    (tmp_path / "causal").mkdir()
+    (tmp_path / "causal" / "causal.json").write_text(json.dumps({"statement": "stale words from an earlier run"}))
+    (tmp_path / "sppft").mkdir()
+    (tmp_path / "sppft" / "results.json").write_text(json.dumps({
+        "safety_range": [13, 16],
+        "final": [{"data": "implicit", "mode": "sppft", "set": "advbench_test", "R_h": 0.055, "lo": 0.028,
+                   "hi": 0.083, "rouge_l": 0.3}],
+        "differences": [{"data": "implicit", "mode": "sppft", "reference": "full", "set": "advbench_test",
+                         "difference": -0.031, "lo": -0.05, "hi": -0.014}],
+    }))
     done = [
         {"title": "Safety", "module": "analyses.safety", "argv": ["--out", "x"], "ok": True, "seconds": 3.0,
          "error": "", "folder": "safety"},
         {"title": "Location", "module": "analyses.locate", "argv": ["--out", "y"], "ok": True, "seconds": 4.0,
          "error": "", "folder": "locate"},
-        {"title": "SPPFT", "module": "analyses.sppft", "argv": ["--out", "z"], "ok": False, "seconds": 1.0,
-         "error": "Traceback: boom", "folder": "sppft"},
+        {"title": "SPPFT", "module": "analyses.sppft", "argv": ["--out", "z"], "ok": True, "seconds": 1.0,
+         "error": "", "folder": "sppft"},
+        {"title": "Causal", "module": "analyses.causal", "argv": ["--out", "w"], "ok": False, "seconds": 1.0,
+         "error": "Traceback: boom", "folder": "causal"},
     ]
     text = demo.report(tmp_path, done).read_text()
     assert "| advbench_test | refuse | 40 | 37 | 92.5% (80%-97%) |" in text
     assert "**Located range [7,9]**" in text and "baseline R_o 42 of 64 queries" in text
     assert "| upper | [7,9] | 60 | – | * |" in text
     assert "FAILED" in text and "boom" in text
+    assert "| implicit | sppft | advbench_test | 6% (3%-8%) | 0.300 |" in text
+    assert "stale words" not in text and "causal/causal.json" not in text  # may be an earlier run's
+    assert "[results.json](sppft/results.json)" in text
+    assert "| implicit | sppft minus full | advbench_test | -3.1 points (-5.0 to -1.4) |" in text
 
 
 class _ArgparseError(Exception):
