@@ -1,7 +1,7 @@
 """R_o and the bound search: this project against the paper's method and a competent batched
 baseline, in one run, with verdict agreement and where the time goes.
 
-    python -m benchmarks.locate [--model embedded] [--n 64] [--range 7,9] [--alpha 1.2]
+    python -m benchmarks.locate [--model embedded] [--n 64] [--range START,END] [--alpha 1.2]
         [--upper-offsets=-3,3 --lower-offsets=-2,2] [--threads 2] [--paper-n 16] [--fingerprint]
 
 Three ways to measure R_o for one configuration (same prompts, template, greedy 16 new tokens,
@@ -177,7 +177,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="embedded")
     parser.add_argument("--n", type=int, default=64, help="over-rejection prompts (spread over D_o)")
-    parser.add_argument("--range", default="7,9")
+    parser.add_argument("--range", default=None,
+                        help="START,END (default: the range shipped with the aligned embedded model)")
     parser.add_argument("--alpha", type=float, default=1.2)
     parser.add_argument("--upper-offsets", default="-3,3")
     parser.add_argument("--lower-offsets", default="-2,2")
@@ -193,7 +194,14 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     torch.set_grad_enabled(False)
     queries = over_rejection_prompts(args.n, "spread")
-    layer_range = LayerRange.parse(args.range)
+    if args.range is None:
+        if args.model != "embedded":
+            parser.error("--range is needed for a model other than embedded")
+        from interp.export import shipped_located
+
+        layer_range = shipped_located().range
+    else:
+        layer_range = LayerRange.parse(args.range)
     upper = list(range(*(lambda a, b: (a, b + 1))(*map(int, args.upper_offsets.split(",")))))
     lower = list(range(*(lambda a, b: (a, b + 1))(*map(int, args.lower_offsets.split(",")))))
     model = load_model(args.model, device="cpu")

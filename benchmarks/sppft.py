@@ -1,6 +1,6 @@
 """Step time and memory of SPPFT versus full fine-tuning, through ``finetune.train``.
 
-    python -m benchmarks.sppft [--model embedded-base] [--layers 8,14] [--steps 6] [--batch-size 8]
+    python -m benchmarks.sppft [--model embedded-base] [--layers START,END] [--steps 6] [--batch-size 8]
 
 The paper argues SPPFT is cheaper: frozen weights need no optimizer state and (when autograd
 skips them) no weight gradients.  Three variants run on the same batches, in one process:
@@ -78,7 +78,8 @@ def examples(model, n: int, answer_words: int):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="embedded-base")
-    parser.add_argument("--layers", default="8,14", help="the frozen range (START,END or a located-range JSON)")
+    parser.add_argument("--layers", default=None, help="the frozen range (START,END or a located-range JSON; default: "
+                                                        "the range shipped with the aligned embedded model, same shapes)")
     parser.add_argument("--steps", type=int, default=6, help="optimizer steps per variant (the first is not timed)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds over the variants (less drift from load)")
@@ -90,6 +91,10 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
 
     model = load_model(args.model, device=args.device)
+    if args.layers is None:
+        from interp.export import shipped_located
+
+        args.layers = shipped_located().range
     frozen = resolve_range(args.layers, model)
     rows = examples(model, args.batch_size * args.steps, args.answer_words)
     n_tokens = sum(len(r) for r in D.tokenize(rows, model.tokenizer)["input_ids"]) / len(rows)
