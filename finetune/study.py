@@ -320,13 +320,14 @@ def summarise(records: list[RunRecord], before: dict) -> tuple[pd.DataFrame, pd.
 def differences(records: list[RunRecord], reference: str = "full") -> pd.DataFrame:
     """Per data set, harmful set and mode: R_h of the mode minus R_h of ``reference`` (full
     fine-tuning), paired by seed and request (``interp.stats.seeds_difference``) over the seeds
-    both have finished.  A negative difference whose interval stays below zero means the mode
-    protects better than the reference on that set; a mode compared with the same-size ablation
-    is read from the two rows' difference and the ``sppft``-minus-``ablation`` row."""
+    both have finished, and SPPFT minus the same-size ablation where both ran (is it the located
+    range that protects, or freezing any layers?).  A negative difference whose interval stays
+    below zero means the mode leaves fewer harmful requests answered than its reference."""
     rows = []
     runs = {(r.data, r.mode, r.seed): r for r in records}
-    pairs = [(m, reference) for m in dict.fromkeys(r.mode for r in records) if m != reference]
-    if "sppft" in {r.mode for r in records} and "ablation" in {r.mode for r in records}:
+    modes = list(dict.fromkeys(r.mode for r in records))
+    pairs = [(m, reference) for m in modes if m != reference]
+    if "sppft" in modes and "ablation" in modes:
         pairs.append(("sppft", "ablation"))
     for data_name in dict.fromkeys(r.data for r in records):
         for mode, ref in pairs:

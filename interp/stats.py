@@ -70,13 +70,9 @@ def seeds_interval(flags, n_boot: int = 2000, seed: int = 0, ci: float = 0.95) -
     flags = np.asarray(flags, dtype=float)
     if flags.ndim != 2 or flags.size == 0:
         raise ValueError(f"flags must be [seeds, requests], got shape {flags.shape}")
-    rng = np.random.default_rng(seed)
+    lo, hi = _crossed_bootstrap(flags, n_boot, seed, ci)
     n_seeds, n_req = flags.shape
-    seed_draws = rng.integers(0, n_seeds, size=(n_boot, n_seeds))
-    req_draws = rng.integers(0, n_req, size=(n_boot, n_req))
-    boots = flags[seed_draws[..., None], req_draws[:, None, :]].mean(axis=(1, 2))
-    lo, hi = np.quantile(boots, [(1 - ci) / 2, 1 - (1 - ci) / 2])
-    return {"mean": float(flags.mean()), "lo": float(lo), "hi": float(hi), "n_seeds": n_seeds, "n_requests": n_req,
+    return {"mean": float(flags.mean()), "lo": lo, "hi": hi, "n_seeds": n_seeds, "n_requests": n_req,
             "per_seed": [float(v) for v in flags.mean(axis=1)]}
 
 
@@ -89,11 +85,19 @@ def seeds_difference(a, b, n_boot: int = 2000, seed: int = 0, ci: float = 0.95) 
     a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
     if a.ndim != 2 or a.size == 0 or a.shape != b.shape:
         raise ValueError(f"a and b must both be [seeds, requests] of one shape, got {a.shape} and {b.shape}")
+    diff = a - b  # the mean is linear, so scoring both arrays on one draw is bootstrapping their difference
+    lo, hi = _crossed_bootstrap(diff, n_boot, seed, ci)
+    n_seeds, n_req = diff.shape
+    return {"mean": float(diff.mean()), "lo": lo, "hi": hi, "n_seeds": n_seeds, "n_requests": n_req}
+
+
+def _crossed_bootstrap(values: np.ndarray, n_boot: int, seed: int, ci: float) -> tuple[float, float]:
+    """Percentile interval of the mean of ``[n_seeds, n_requests]`` values: each replicate draws
+    seeds with replacement and one set of requests with replacement shared by every drawn seed."""
     rng = np.random.default_rng(seed)
-    n_seeds, n_req = a.shape
+    n_seeds, n_req = values.shape
     seed_draws = rng.integers(0, n_seeds, size=(n_boot, n_seeds))
     req_draws = rng.integers(0, n_req, size=(n_boot, n_req))
-    diff = a - b
-    boots = diff[seed_draws[..., None], req_draws[:, None, :]].mean(axis=(1, 2))
+    boots = values[seed_draws[..., None], req_draws[:, None, :]].mean(axis=(1, 2))
     lo, hi = np.quantile(boots, [(1 - ci) / 2, 1 - (1 - ci) / 2])
-    return {"mean": float(diff.mean()), "lo": float(lo), "hi": float(hi), "n_seeds": n_seeds, "n_requests": n_req}
+    return float(lo), float(hi)

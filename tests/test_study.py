@@ -473,8 +473,8 @@ def test_differences_pair_modes_by_seed_and_request():
                 for r in records if r.mode == "sppft" and r.seed != 1]  # seed 1 unfinished
     table = differences(records + ablation)
     assert set(zip(table["mode"], table["reference"])) == {("sppft", "full"), ("ablation", "full"), ("sppft", "ablation")}
+    runs = {(r.mode, r.seed): r for r in records + ablation}
     for mode, ref, seeds in (("sppft", "full", [0, 1, 2]), ("ablation", "full", [0, 2]), ("sppft", "ablation", [0, 2])):
-        runs = {(r.mode, r.seed): r for r in records + ablation}
         for name in HARMFUL_SETS:
             row = table[(table["mode"] == mode) & (table["reference"] == ref) & (table["set"] == name)].iloc[0]
             stat = seeds_difference([runs[mode, s].final[name] for s in seeds], [runs[ref, s].final[name] for s in seeds])
