@@ -12,6 +12,8 @@ from finetune.align import (
     alternatives_record,
     build_parser,
     candidate_prompts,
+    check_pairs,
+    check_prompts,
     combine_adapters,
     cut_answer,
     evaluation_prompts,
@@ -81,6 +83,59 @@ def test_question_pairs_join_training_and_validation_only_when_asked(prompts):
     assert asked["paired_harmful"] == plain["paired_harmful"] + [p.harmful for p in held]
     assert asked["paired_benign"] == plain["paired_benign"] + [p.benign for p in held]
     assert asked["borderline"] == plain["borderline"]
+
+
+def test_check_pairs_leave_training_with_their_near_copies_and_nothing_else(prompts):
+    pairs = check_pairs(24)
+    assert len({p.pair_id for p in pairs}) == 24 and all(p.extra and p.part == "train" for p in pairs)
+    assert len({p.category for p in pairs}) == 10  # spread over the supplement, not its first category
+    rows = check_prompts(24)
+    assert rows == {"paired_harmful": [p.harmful for p in pairs], "paired_benign": [p.benign for p in pairs]}
+    check = rows["paired_harmful"] + rows["paired_benign"]
+    held = training_prompts(check=24)
+    assert set(check) <= set(held_out_prompts(24)) and not set(check) & set(held_out_prompts())
+    for role in ("refuse", "answer"):
+        removed = set(prompts[role]) - set(held[role])
+        copies = {t for _, t, _ in near_copies(prompts[role], check)}
+        assert removed == (set(check) & set(prompts[role])) | copies, role
+        assert set(held[role]) <= set(prompts[role])
+    assert not near_copies(sorted(set(held["refuse"]) | set(held["answer"])), check)
+    for bad in (-1, 241):
+        with pytest.raises(ValueError, match="check_pairs"):
+            check_pairs(bad)
+    with pytest.raises(ValueError, match="extra_pairs"):
+        candidate_prompts(extra_pairs=False, check=4)
+
+
+def test_a_run_with_check_pairs_scores_the_shipped_adapter_on_them_once(tiny_dir, tmp_path, monkeypatch):
+    """``--check-pairs``: the rows leave the training data (its recorded hash) and the adapter
+    written to ``--out`` is scored on them, as an independent scoring of that adapter finds."""
+    from finetune import align
+    from interp.generation import generate
+    from interp.judge import DEFAULT_JUDGE
+
+    monkeypatch.setenv("SAFETY_LAYERS_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "adapter"
+    align.main(["--base", str(tiny_dir), "--limit", "4", "--epochs", "1", "--check-pairs", "6", "--out", str(out)])
+    recipe = json.loads((out / "recipe.json").read_text())
+    assert recipe["settings"]["check_pairs"] == 6
+    assert recipe["stages"]["sft"]["settings"]["check_pairs"] == 6
+    for role in ("refuse", "answer"):
+        assert recipe["data"][role]["hash"] == prompts_hash(training_prompts(4, question_pairs=True, check=6)[role])
+    model = align.merged_model(str(tiny_dir), out)
+    expected = {}
+    for name, queries in check_prompts(6).items():
+        texts = generate(model, queries, max_new_tokens=32, batch_size=1, decided=DEFAULT_JUDGE.decided)
+        refused = sum(DEFAULT_JUDGE.is_refusal(t) for t in texts) / len(texts)
+        expected[name] = round(refused if name == "paired_harmful" else 1 - refused, 4)
+    check = recipe["check"]
+    assert {k: check[k] for k in expected} == expected and check["pairs"] == 6
+    assert check["score"] == round(sum(expected.values()) / 2, 4)
+    low, high = check["paired_benign_ci95"]
+    assert low <= check["paired_benign"] <= high
+    assert "Check rows: 6 supplementary train pairs" in (out / "README.md").read_text()
+    with pytest.raises(SystemExit, match="error: check_pairs"):
+        align.main(["--base", str(tiny_dir), "--limit", "4", "--check-pairs", "999", "--out", str(out)])
 
 
 def _random_adapter(tiny_dir, folder, seed: int, rank: int = 2):
@@ -184,7 +239,8 @@ def test_the_shipped_adapter_matches_its_recorded_recipe():
     recipe = json.loads((folder / "recipe.json").read_text())
     config = json.loads((folder / "adapter_config.json").read_text())
     prompts = training_prompts(extra_pairs=recipe["settings"].get("extra_pairs", False),
-                               question_pairs=recipe["settings"].get("question_pairs", False))
+                               question_pairs=recipe["settings"].get("question_pairs", False),
+                               check=recipe["settings"].get("check_pairs", 0))
     for role in ("refuse", "answer"):
         assert recipe["data"][role]["hash"] == prompts_hash(prompts[role]), role
         assert recipe["data"][role]["n"] == len(prompts[role])
@@ -218,6 +274,7 @@ def test_alternatives_keep_the_history_of_earlier_choices(tmp_path):
     assert [r["best_validation"]["sft"] for r in record] == [0.7, 0.5]
     assert [r["settings"]["extra_pairs"] for r in record] == [True, False]  # older runs had no supplement
     assert [r["settings"]["question_pairs"] for r in record] == [False, False]
+    assert [r["settings"]["check_pairs"] for r in record] == [0, 0]
     assert all("validation_now" not in r for r in record)
     # with a scorer, the adapter beside a recipe.json is scored on today's validation rows
     (tmp_path / "adapter_model.safetensors").write_bytes(b"")
