@@ -26,7 +26,7 @@ test: setup
 	$(PY) -m pytest -q tests $(TEST_ARGS)
 
 bench: setup
-	$(PY) benchmarks/existence.py && $(PY) benchmarks/locate.py && $(PY) benchmarks/patching.py && $(PY) benchmarks/sppft.py
+	$(PY) benchmarks/existence.py --model embedded && $(PY) benchmarks/locate.py && $(PY) benchmarks/patching.py && $(PY) benchmarks/sppft.py
 
 clean:
 	rm -rf $(VENV) results

@@ -1,11 +1,11 @@
-"""The main job (``make demo``): safety report, existence, location and a short SPPFT comparison
-on the embedded models, on subsets sized for two CPU cores, then a Markdown report folder.
+"""The main job (``make demo``): the judge's accuracy, safety reports, existence, location, causal
+localisation and a short SPPFT comparison on the embedded models, on subsets sized for two CPU cores, then a Markdown report folder.
 
     python -m analyses.demo [--out results/demo] [--full]
 
-Each step is the same command-line analysis a user would run (``analyses.safety``,
-``analyses.existence``, ``analyses.locate``, ``analyses.sppft``), called with the demo's subset
-flags; their JSON, CSV and PNG files land in sub-folders of ``--out`` and ``report.md`` links them.
+Each step is the same command-line analysis a user would run (``analyses.judge``,
+``analyses.safety``, ``analyses.existence``, ``analyses.locate``, ``analyses.causal``,
+``analyses.sppft``), called with the demo's subset flags; their JSON, CSV and PNG files land in sub-folders of ``--out`` and ``report.md`` links them.
 A step that fails is recorded in the report and the others still run.  ``--full`` drops the
 subsets (hours on two cores).
 """

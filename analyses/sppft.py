@@ -40,7 +40,7 @@ def parse_args(argv=None):
     parser = parser_for(__doc__)
     add_model_options(parser, dtype=False)
     parser.add_argument("--layers", default="results/locate/located.json", help="located-range JSON or START,END")
-    parser.add_argument("--data", default="normal,implicit", help=f"comma-separated from {', '.join(D.SETS[:2])}")
+    parser.add_argument("--data", default="normal,implicit", help=f"comma-separated from {', '.join(D.SETS[:3])}")
     parser.add_argument("--modes", default="sppft,full,ablation",
                         help=f"comma-separated from {', '.join(MODES)}; {', '.join(REVERSE_CONTROL)} name reverse-control runs")
     parser.add_argument("--seeds", default="0,1,2")

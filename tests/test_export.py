@@ -154,8 +154,11 @@ def test_the_shipped_located_range_is_for_the_shipped_aligned_model(embedded):
 
     located = shipped_located(embedded)  # checks the fingerprint
     assert located.record["model"]["spec"] == "embedded"
-    docs = load_located(Path(__file__).resolve().parent.parent / "docs" / "locate" / "located.json", embedded)
+    folder = Path(__file__).resolve().parent.parent / "docs" / "locate"
+    docs = load_located(folder / "located.json", embedded)
     assert docs.record == located.record
+    # ... and it is the winning start's own output (docs/locate/README.md)
+    assert load_located(folder / "start-14-22" / "located.json", embedded).record == located.record
 
 
 def test_a_range_located_in_float32_is_accepted_for_the_same_weights_in_bfloat16(written, tiny_dir, tiny_bias_dir):
