@@ -15,9 +15,15 @@ import pytest
 from finetune.study import RunRecord, load_before, summarise
 
 ROOT = Path(__file__).resolve().parents[1]
-STUDIES = sorted(p for p in (ROOT / "docs").rglob("results.json")
-                 if isinstance(json.loads(p.read_text()).get("runs"), list)
-                 and all(isinstance(name, str) for name in json.loads(p.read_text())["runs"]))
+
+
+def _is_protection_study(path: Path) -> bool:
+    """A ``results.json`` of ``analyses.sppft``: its ``runs`` is a list of run names."""
+    runs = json.loads(path.read_text()).get("runs")
+    return isinstance(runs, list) and all(isinstance(name, str) for name in runs)
+
+
+STUDIES = sorted(p for p in (ROOT / "docs").rglob("results.json") if _is_protection_study(p))
 
 
 def test_there_are_protection_studies_to_check():
