@@ -8,7 +8,8 @@ CPU cores, so that its refusals follow **harm, not wording**:
   the harmful side of the paired set's train split and of its train-only supplement
   (``interp.data.load_pairs("train", extra=True)``; ``--no-extra-pairs`` leaves the supplement out)
   and, with ``--question-pairs``, of the question-frame pairs' train split ("Where can I ...?",
-  "Why should ...?"; their validation split then joins the paired validation rows);
+  "Why should ...?"; their validation split then joins the paired validation rows) and, with
+  ``--hard-pairs``, of the train-only hard-benign-twin pairs;
 - **answer** (with the base model's own greedy answers, ``finetune.data.answers_for``, so its
   helpfulness is kept): the benign train half, the benign side of the same pairs (the same
   sentence frames as the harmful side), and the project's borderline-safe requests (homonyms,
@@ -110,15 +111,17 @@ def check_prompts(n: int) -> dict[str, list[str]]:
 
 
 def candidate_prompts(extra_pairs: bool = True, question_pairs: bool = False,
-                      check: int = 0) -> dict[str, list[str]]:
+                      check: int = 0, hard_pairs: bool = False) -> dict[str, list[str]]:
     """The training prompts by role (module docstring), before near-copies are dropped;
     ``extra_pairs``: with the train-only supplementary pairs (``load_pairs("train", extra=True)``);
     ``question_pairs``: with the question-frame pairs' train split; ``check``: that many
-    supplementary pairs held out (``check_pairs``)."""
+    supplementary pairs held out (``check_pairs``); ``hard_pairs``: with the train-only
+    hard-benign-twin pairs (``load_pairs("train", hard=True)``)."""
     held = {p.pair_id for p in check_pairs(check)}
     if held and not extra_pairs:
         raise ValueError("check pairs are drawn from the supplementary pairs; they need extra_pairs")
-    pairs = [p for p in load_pairs("train", extra=extra_pairs, questions=question_pairs) if p.pair_id not in held]
+    pairs = [p for p in load_pairs("train", extra=extra_pairs, questions=question_pairs, hard=hard_pairs)
+             if p.pair_id not in held]
     return {
         "refuse": load_prompts("advbench", "train") + [p.harmful for p in pairs],
         "answer": load_prompts("benign", "train") + [p.benign for p in pairs] + [b.prompt for b in load_borderline("train")],
@@ -126,17 +129,17 @@ def candidate_prompts(extra_pairs: bool = True, question_pairs: bool = False,
 
 
 def training_prompts(limit: int | None = None, extra_pairs: bool = True,
-                     question_pairs: bool = False, check: int = 0) -> dict[str, list[str]]:
+                     question_pairs: bool = False, check: int = 0, hard_pairs: bool = False) -> dict[str, list[str]]:
     """The training prompts by role, without the near-copies of held-out prompts (AdvBench's own
     halves hold a dozen: "Write a guide on how to create and distribute malware" in train,
     "Write a tutorial on ..." in test); ``limit``: that many of each role, spread over it (a
     smoke test, not the recipe); ``check``: that many supplementary pairs held out, and their
-    near-copies dropped too (``check_pairs``)."""
+    near-copies dropped too (``check_pairs``); ``hard_pairs``: see ``candidate_prompts``."""
     from interp.data import sample_rows
 
     held_out = held_out_prompts(check)
     out = {}
-    for role, prompts in candidate_prompts(extra_pairs, question_pairs, check).items():
+    for role, prompts in candidate_prompts(extra_pairs, question_pairs, check, hard_pairs).items():
         copies = {t for _, t, _ in near_copies(prompts, held_out)}
         out[role] = sample_rows([p for p in prompts if p not in copies], limit, "spread")
     return out
@@ -289,7 +292,7 @@ def sft_rows(prompts: dict[str, list[str]], answers: dict[str, str], seed: int =
         raise ValueError(f"pair_weight must be at least 1, got {pair_weight}")
     rows = [(q, answers[q], "answer") for q in prompts["answer"] if answers[q].strip()]
     rows += [(q, a, "refuse") for q, a in refusal_pairs(prompts["refuse"], seed)]
-    paired = {q for p in load_pairs("train", extra=True, questions=True) for q in (p.harmful, p.benign)}
+    paired = {q for p in load_pairs("train", extra=True, questions=True, hard=True) for q in (p.harmful, p.benign)}
     rows += [row for row in rows if row[0] in paired] * (pair_weight - 1)
     random.Random(seed).shuffle(rows)
     return rows
@@ -303,7 +306,7 @@ def sft_stage(model, answers: dict[str, str], args, folder: Path) -> dict:
     from finetune.data import tokenize
     from finetune.train import pad_collate
 
-    prompts = training_prompts(args.limit, args.extra_pairs, args.question_pairs, args.check_pairs)
+    prompts = training_prompts(args.limit, args.extra_pairs, args.question_pairs, args.check_pairs, args.hard_pairs)
     rows = sft_rows(prompts, answers, args.seed, args.pair_weight)
     examples = [dict(zip(("prompt", "completion"), _chat(model.tokenizer, q, a)), kind=k) for q, a, k in rows]
     if args.sft_answer_tokens:
@@ -345,7 +348,7 @@ def dpo_stage(model, answers: dict[str, str], base_answers: dict[str, str], args
     from safetensors.torch import load_file
     from trl import DPOConfig, DPOTrainer
 
-    prompts = training_prompts(args.limit, args.extra_pairs, args.question_pairs, args.check_pairs)
+    prompts = training_prompts(args.limit, args.extra_pairs, args.question_pairs, args.check_pairs, args.hard_pairs)
     rng = random.Random(args.seed + 1)
     refuse_rows = [{"prompt": [{"role": "user", "content": q}], "chosen": [{"role": "assistant", "content": r}],
                     "rejected": [{"role": "assistant", "content": base_answers[q]}]}
@@ -465,7 +468,7 @@ def combine_adapters(base_model, adapter_dirs: list[Path], weights: list[float],
     return out_dir
 
 
-OLD_DEFAULTS = {"extra_pairs": False, "question_pairs": False, "check_pairs": 0}  # older runs lack these keys
+OLD_DEFAULTS = {"extra_pairs": False, "question_pairs": False, "check_pairs": 0, "hard_pairs": False}  # older runs lack these keys
 
 
 def alternatives_record(paths: list[str], score=None) -> list[dict]:
@@ -586,6 +589,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--question-pairs", action=argparse.BooleanOptionalAction, default=True,
                         help="train on the question-frame pairs' train split and validate on their validation split "
                              "too (paired_questions.csv)")
+    parser.add_argument("--hard-pairs", action=argparse.BooleanOptionalAction, default=False,
+                        help="train on the train-only hard-benign-twin pairs too (paired_prompts_hard.csv: the benign "
+                             "side keeps the harmful side's alarming words)")
     parser.add_argument("--check-pairs", type=int, default=0,
                         help="hold N supplementary pairs out of training and score the chosen adapter on them once, "
                              "after every choice (check_pairs: an estimate free of the validation's winner's curse)")
@@ -607,15 +613,16 @@ def main(argv=None):
     parts = Path(f"{args.out}-parts")
 
     try:
-        prompts = training_prompts(args.limit, args.extra_pairs, args.question_pairs, args.check_pairs)
+        prompts = training_prompts(args.limit, args.extra_pairs, args.question_pairs, args.check_pairs, args.hard_pairs)
     except ValueError as exc:
         raise SystemExit(f"error: {exc}") from None
     check_no_near_copies(prompts["refuse"] + prompts["answer"], check=args.check_pairs)
     kept = prompts if args.limit is None else training_prompts(extra_pairs=args.extra_pairs,  # the same scan once
                                                                question_pairs=args.question_pairs,
-                                                               check=args.check_pairs)
+                                                               check=args.check_pairs, hard_pairs=args.hard_pairs)
     dropped = {role: len(c) - len(set(c) & set(kept[role]))
-               for role, c in candidate_prompts(args.extra_pairs, args.question_pairs, args.check_pairs).items()}
+               for role, c in candidate_prompts(args.extra_pairs, args.question_pairs, args.check_pairs,
+                                                  args.hard_pairs).items()}
     base = load_model(args.base, device="cpu", bridge=False)
     answers = dict(zip(prompts["answer"], answers_for(base, prompts["answer"], max_new_tokens=args.answer_tokens)))
     base_scores = validation_scores(base, limit=args.limit, question_pairs=args.question_pairs)
@@ -623,8 +630,9 @@ def main(argv=None):
 
     sft_settings = {k: getattr(args, k) for k in ("epochs", "lr", "rank", "answer_tokens", "sft_answer_tokens",
                                                   "pair_weight", "extra_pairs", "question_pairs", "seed", "base", "limit")}
-    if args.check_pairs:  # only when set, so a run of the shipped recipe still finds its finished stages
-        sft_settings["check_pairs"] = args.check_pairs
+    for knob in ("check_pairs", "hard_pairs"):  # only when set, so a run of the shipped recipe still finds its stages
+        if getattr(args, knob):
+            sft_settings[knob] = getattr(args, knob)
     sft = _stage_done(parts / "sft", sft_settings)
     if sft is None:
         sft = {"settings": sft_settings, **sft_stage(base, answers, args, parts / "sft")}

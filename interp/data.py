@@ -19,6 +19,9 @@ Three structured sets are CSV files with their own loaders:
   ``questions=True`` appends 90 question-frame pairs (``paired_questions.csv``: "Where can I ...?",
   "Why should ...?" and four more, 10 categories x 9, ids ``<category>-qNN``): ``qNN`` with
   ``NN % 3 == 2`` is ``validation`` (30), the rest ``train`` (60); ``test`` never changes;
+  ``hard=True`` appends 200 train-only "hard benign twin" pairs (``paired_prompts_hard.csv``: 10
+  categories x 20 in the 8 frames, ids ``<category>-hNN``) whose benign side keeps the harmful
+  side's alarming vocabulary in a plainly legitimate request;
 - ``load_borderline(part)``: safe requests with alarming words, in XSTest's ten types but written
   for this project (250; per type, prompt ``k`` is ``validation`` when ``k % 5 == 4``, else
   ``train``: 200 / 50);
@@ -46,6 +49,7 @@ PAIR_PARTS = ("all", "train", "validation", "test")
 PAIRS_FILE = "paired_prompts.csv"
 EXTRA_PAIRS_FILE = "paired_prompts_extra.csv"
 QUESTION_PAIRS_FILE = "paired_questions.csv"
+HARD_PAIRS_FILE = "paired_prompts_hard.csv"
 BORDERLINE_FILE = "borderline_safe.csv"
 XSTEST_FILE = "xstest_prompts.csv"
 
@@ -164,12 +168,17 @@ class Pair:
         return self.pair_id.rsplit("-", 1)[1].startswith("q")
 
     @property
+    def hard(self) -> bool:
+        """One of the train-only hard-benign-twin pairs (ids ``<category>-hNN``)."""
+        return self.pair_id.rsplit("-", 1)[1].startswith("h")
+
+    @property
     def index(self) -> int:
-        return int(self.pair_id.rsplit("-", 1)[1].lstrip("xq"))
+        return int(self.pair_id.rsplit("-", 1)[1].lstrip("xqh"))
 
     @property
     def part(self) -> str:
-        if self.extra:
+        if self.extra or self.hard:
             return "train"
         if self.question:
             return "validation" if self.index % 3 == 2 else "train"
@@ -193,12 +202,14 @@ def _check_part(part: str, parts: tuple[str, ...]) -> str:
     return part
 
 
-def load_pairs(part: str = "all", extra: bool = False, questions: bool = False) -> list[Pair]:
+def load_pairs(part: str = "all", extra: bool = False, questions: bool = False, hard: bool = False) -> list[Pair]:
     """The paired set (module docstring), optionally one split; ``extra``: with the train-only
     supplementary pairs appended (they belong to ``train`` and ``all`` only); ``questions``: with
-    the question-frame pairs appended (``train`` and ``validation``, never ``test``)."""
+    the question-frame pairs appended (``train`` and ``validation``, never ``test``); ``hard``: with
+    the train-only hard-benign-twin pairs appended last."""
     _check_part(part, PAIR_PARTS)
-    files = [PAIRS_FILE] + ([EXTRA_PAIRS_FILE] if extra else []) + ([QUESTION_PAIRS_FILE] if questions else [])
+    files = ([PAIRS_FILE] + ([EXTRA_PAIRS_FILE] if extra else []) + ([QUESTION_PAIRS_FILE] if questions else [])
+             + ([HARD_PAIRS_FILE] if hard else []))
     pairs = [Pair(r["pair_id"], r["category"], r["frame"], r["harmful"], r["benign"])
              for name in files for r in _csv_rows(name)]
     validate_prompts([p.harmful for p in pairs] + [p.benign for p in pairs], " + ".join(files))

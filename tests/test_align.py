@@ -69,6 +69,22 @@ def test_supplementary_pairs_join_training_only_when_asked(prompts):
         assert set(prompts[role]) - kept == set(without[role])
 
 
+def test_hard_pairs_join_training_only_when_asked_and_are_weighted_as_pairs(prompts):
+    hard = [p for p in load_pairs("train", hard=True) if p.hard]
+    with_hard = training_prompts(hard_pairs=True)
+    for role, side in (("refuse", "harmful"), ("answer", "benign")):
+        texts = {getattr(p, side) for p in hard}
+        assert not texts & set(prompts[role])
+        kept = texts & set(with_hard[role])
+        assert len(kept) >= len(texts) - 5  # at most a few dropped as near-copies of held-out prompts
+        assert set(with_hard[role]) - kept == set(prompts[role])
+    rows = sft_rows(with_hard, {q: "An answer." for q in with_hard["answer"]}, pair_weight=3)
+    counts = {}
+    for query, _, _ in rows:
+        counts[query] = counts.get(query, 0) + 1
+    assert {counts[p.benign] for p in hard if p.benign in kept} == {3}  # the pair weight reaches them
+
+
 def test_question_pairs_join_training_and_validation_only_when_asked(prompts):
     questions = [p for p in load_pairs("all", questions=True) if p.question]
     train = [p for p in questions if p.part == "train"]
@@ -260,6 +276,7 @@ def test_the_command_line_defaults_are_the_shipped_recipe():
     assert {k: defaults[k] for k in knobs} == knobs
     assert defaults["extra_pairs"] == recipe["settings"].get("extra_pairs", False)
     assert defaults["question_pairs"] == recipe["settings"].get("question_pairs", False)
+    assert defaults["hard_pairs"] == recipe["settings"].get("hard_pairs", False)
 
 
 def test_alternatives_keep_the_history_of_earlier_choices(tmp_path):

@@ -124,6 +124,27 @@ def test_supplementary_pairs_are_train_only_in_matched_frames():
                for p in extra)
 
 
+def test_hard_pairs_are_train_only_in_the_eight_frames():
+    from collections import Counter
+
+    from interp.data import load_pairs
+
+    hard = [p for p in load_pairs("all", hard=True) if p.hard]
+    assert len(hard) == 200 and all(p.part == "train" and not p.extra and not p.question for p in hard)
+    assert all(n == 20 for n in Counter(p.category for p in hard).values()) and len({p.category for p in hard}) == 10
+    assert all(n >= 2 for n in Counter((p.category, p.frame) for p in hard).values())
+    assert {p.frame for p in hard} == set(list(FRAME_OPENINGS)[:8])
+    assert all(p.harmful.startswith(FRAME_OPENINGS[p.frame]) and p.benign.startswith(FRAME_OPENINGS[p.frame])
+               for p in hard)
+    for part in ("validation", "test"):
+        assert load_pairs(part, extra=True, questions=True, hard=True) == load_pairs(part, extra=True, questions=True)
+    assert load_pairs("train", extra=True, questions=True, hard=True)[:500] == load_pairs("train", extra=True,
+                                                                                         questions=True)
+    earlier = {t for p in load_pairs("all", extra=True, questions=True) for t in (p.harmful, p.benign)}
+    texts = [t for p in hard for t in (p.harmful, p.benign)]
+    assert len(set(texts)) == 400 and not earlier & set(texts)
+
+
 QUESTION_OPENINGS = {"where_can_i": ("Where can I",), "which_is_best": ("Which",), "how_much": ("How much",),
                      "what_do_i_need": ("What do I need",), "why_should": ("Why should",),
                      "why_are": ("Why are", "Why is", "Why do", "Why does")}
