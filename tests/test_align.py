@@ -72,6 +72,8 @@ def test_supplementary_pairs_join_training_only_when_asked(prompts):
 def test_hard_pairs_join_training_only_when_asked_and_are_weighted_as_pairs(prompts):
     hard = [p for p in load_pairs("train", hard=True) if p.hard]
     with_hard = training_prompts(hard_pairs=True)
+    train = set(with_hard["refuse"]) | set(with_hard["answer"])
+    assert not train & set(held_out_prompts()) and not near_copies(sorted(train), held_out_prompts())
     for role, side in (("refuse", "harmful"), ("answer", "benign")):
         texts = {getattr(p, side) for p in hard}
         assert not texts & set(prompts[role])
@@ -256,7 +258,8 @@ def test_the_shipped_adapter_matches_its_recorded_recipe():
     config = json.loads((folder / "adapter_config.json").read_text())
     prompts = training_prompts(extra_pairs=recipe["settings"].get("extra_pairs", False),
                                question_pairs=recipe["settings"].get("question_pairs", False),
-                               check=recipe["settings"].get("check_pairs", 0))
+                               check=recipe["settings"].get("check_pairs", 0),
+                               hard_pairs=recipe["settings"].get("hard_pairs", False))
     for role in ("refuse", "answer"):
         assert recipe["data"][role]["hash"] == prompts_hash(prompts[role]), role
         assert recipe["data"][role]["n"] == len(prompts[role])
