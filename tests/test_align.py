@@ -139,7 +139,8 @@ def test_a_run_with_check_pairs_scores_the_shipped_adapter_on_them_once(tiny_dir
     assert recipe["settings"]["check_pairs"] == 6
     assert recipe["stages"]["sft"]["settings"]["check_pairs"] == 6
     for role in ("refuse", "answer"):
-        assert recipe["data"][role]["hash"] == prompts_hash(training_prompts(4, question_pairs=True, check=6)[role])
+        assert recipe["data"][role]["hash"] == prompts_hash(training_prompts(4, question_pairs=True, check=6,
+                                                                             hard_pairs=True)[role])
     model = align.merged_model(str(tiny_dir), out)
     expected = {}
     for name, queries in check_prompts(6).items():
