@@ -145,6 +145,17 @@ def training_prompts(limit: int | None = None, extra_pairs: bool = True,
     return out
 
 
+def _data_knobs(args) -> dict:
+    """The command line's choice of training rows, as ``candidate_prompts``' keywords."""
+    return {"extra_pairs": args.extra_pairs, "question_pairs": args.question_pairs, "check": args.check_pairs,
+            "hard_pairs": args.hard_pairs}
+
+
+def _run_prompts(args) -> dict[str, list[str]]:
+    """``training_prompts`` for a run's command line."""
+    return training_prompts(args.limit, **_data_knobs(args))
+
+
 def validation_prompts(limit: int | None = None, question_pairs: bool = False) -> dict[str, list[str]]:
     """The validation rows by set; ``question_pairs``: the paired rows include the question-frame
     pairs' validation split (30 pairs after the 80 original ones)."""
@@ -306,7 +317,7 @@ def sft_stage(model, answers: dict[str, str], args, folder: Path) -> dict:
     from finetune.data import tokenize
     from finetune.train import pad_collate
 
-    prompts = training_prompts(args.limit, args.extra_pairs, args.question_pairs, args.check_pairs, args.hard_pairs)
+    prompts = _run_prompts(args)
     rows = sft_rows(prompts, answers, args.seed, args.pair_weight)
     examples = [dict(zip(("prompt", "completion"), _chat(model.tokenizer, q, a)), kind=k) for q, a, k in rows]
     if args.sft_answer_tokens:
@@ -348,7 +359,7 @@ def dpo_stage(model, answers: dict[str, str], base_answers: dict[str, str], args
     from safetensors.torch import load_file
     from trl import DPOConfig, DPOTrainer
 
-    prompts = training_prompts(args.limit, args.extra_pairs, args.question_pairs, args.check_pairs, args.hard_pairs)
+    prompts = _run_prompts(args)
     rng = random.Random(args.seed + 1)
     refuse_rows = [{"prompt": [{"role": "user", "content": q}], "chosen": [{"role": "assistant", "content": r}],
                     "rejected": [{"role": "assistant", "content": base_answers[q]}]}
@@ -613,16 +624,13 @@ def main(argv=None):
     parts = Path(f"{args.out}-parts")
 
     try:
-        prompts = training_prompts(args.limit, args.extra_pairs, args.question_pairs, args.check_pairs, args.hard_pairs)
+        prompts = _run_prompts(args)
     except ValueError as exc:
         raise SystemExit(f"error: {exc}") from None
     check_no_near_copies(prompts["refuse"] + prompts["answer"], check=args.check_pairs)
-    kept = prompts if args.limit is None else training_prompts(extra_pairs=args.extra_pairs,  # the same scan once
-                                                               question_pairs=args.question_pairs,
-                                                               check=args.check_pairs, hard_pairs=args.hard_pairs)
+    kept = prompts if args.limit is None else training_prompts(**_data_knobs(args))  # the same scan once
     dropped = {role: len(c) - len(set(c) & set(kept[role]))
-               for role, c in candidate_prompts(args.extra_pairs, args.question_pairs, args.check_pairs,
-                                                  args.hard_pairs).items()}
+               for role, c in candidate_prompts(**_data_knobs(args)).items()}
     base = load_model(args.base, device="cpu", bridge=False)
     answers = dict(zip(prompts["answer"], answers_for(base, prompts["answer"], max_new_tokens=args.answer_tokens)))
     base_scores = validation_scores(base, limit=args.limit, question_pairs=args.question_pairs)
