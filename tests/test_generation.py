@@ -210,3 +210,22 @@ def test_grouped_eager_attention_equals_transformers_eager(q_len, k_len, softcap
     torch.testing.assert_close(out, expected_out, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(weights, expected_w, atol=1e-6, rtol=1e-5)
     assert out.shape == (2, q_len, 8, 16)
+
+
+def test_generate_and_judge_labels_equal_judging_full_answers_by_hand(untied):
+    """``interp.answers.generate_and_judge``: without early stop its texts and labels are the plain
+    generation's judged one by one; with early stop every binary verdict is the same."""
+    from interp.answers import generate_and_judge
+
+    n = 24
+    full = generate_completions(untied, PROMPTS, max_new_tokens=n, batch_size=3)
+    phrase = " ".join(normalize(full[2].text).split(" ")[1:3])
+    matcher = RefusalMatcher(phrases=[phrase], window=10_000, exceptions=(), apologies=())
+    by_hand = [matcher.classify(c.text) for c in full]
+    assert 0 < sum(label != "compliance" for label in by_hand) < len(PROMPTS)  # both verdicts occur
+    whole = generate_and_judge(untied, PROMPTS, judge=matcher, max_new_tokens=n, early_stop=False, batch_size=3)
+    assert [a.text for a in whole] == [c.text for c in full]
+    assert [a.label for a in whole] == by_hand and [a.query for a in whole] == PROMPTS
+    early = generate_and_judge(untied, PROMPTS, judge=matcher, max_new_tokens=n, batch_size=3)
+    assert [a.refused for a in early] == [label != "compliance" for label in by_hand]
+    assert any(len(e.text) < len(w.text) for e, w in zip(early, whole))  # it did stop early somewhere
