@@ -1,12 +1,12 @@
-# Two commands on a fresh machine: `make demo` and `make test`.
-# Both create .venv once (torch pinned first: an unpinned torch pulls a multi-GB CUDA build)
-# and reuse it afterwards.
+# Two commands on a fresh machine: `make demo` and `make test` (`make lab` opens the notebooks).
+# Each creates .venv once (torch pinned first: an unpinned torch pulls a multi-GB CUDA build)
+# and reuses it afterwards.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test bench lab clean
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,6 +18,12 @@ $(STAMP): setup.cfg pyproject.toml
 
 setup: $(STAMP)
 
+LAB_STAMP := $(VENV)/.notebook-installed
+
+$(LAB_STAMP): $(STAMP)
+	$(PY) -m pip install -q -e '.[notebook]'
+	touch $(LAB_STAMP)
+
 demo: setup
 	$(PY) -m analyses.model_card --model embedded
 	$(PY) -m analyses.demo $(DEMO_ARGS)
@@ -27,6 +33,11 @@ test: setup
 
 bench: setup
 	$(PY) benchmarks/existence.py --model embedded && $(PY) benchmarks/locate.py && $(PY) benchmarks/patching.py && $(PY) benchmarks/sppft.py
+
+# JupyterLab on notebooks/, with .venv's Python as the kernel (LAB_ARGS, e.g. --no-browser --port 8889;
+# as root, as in a container, it adds --allow-root).
+lab: $(LAB_STAMP)
+	$(VENV)/bin/jupyter lab notebooks $(if $(filter 0,$(shell id -u)),--allow-root) $(LAB_ARGS)
 
 clean:
 	rm -rf $(VENV) results
