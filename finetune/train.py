@@ -263,11 +263,158 @@ def _merge_lora(model, peft_model) -> None:
     peft_model.merge_and_unload()
 
 
+# ---------------------------------------------------------------- the steps of a run
+
+
+def check_trainable(model) -> None:
+    """Refuse a model whose own parameters would get no gradient: a bridged family with fused
+    projections (TransformerLens computes with split copies of them)."""
+    if model.has_bridge and model.arch.fused_blocks:
+        raise ValueError(
+            f"{model.arch.family}: TransformerLens's bridge computes with copies split off the fused "
+            f"{', '.join(model.arch.fused_blocks)} weights, so the model's own parameters would get no gradient; "
+            "fine-tune the plain model: load it with load_model(..., bridge=False)"
+        )
+
+
+def prepare_dataset(model, dataset, config: TrainConfig):
+    """A tokenized dataset: ``dataset`` itself, or a list of ``finetune.data`` examples tokenized
+    with ``config.max_length`` and ``config.train_on_inputs``; an empty one is refused."""
+    from finetune.data import tokenize
+
+    if isinstance(dataset, list):
+        dataset = tokenize(dataset, model.tokenizer, config.max_length, config.train_on_inputs, model.template)
+    if len(dataset) == 0:
+        raise ValueError("train: empty dataset")
+    return dataset
+
+
+def enable_gradients(hf_model) -> dict[str, bool]:
+    """Let every weight train (a model loaded with a merged PEFT adapter arrives with
+    ``requires_grad=False`` everywhere); returns the flags as they were, for ``restore_gradients``."""
+    flags = {n: p.requires_grad for n, p in hf_model.named_parameters()}
+    hf_model.requires_grad_(True)
+    return flags
+
+
+def restore_gradients(hf_model, flags: dict[str, bool]) -> None:
+    for n, p in hf_model.named_parameters():
+        p.requires_grad_(flags.get(n, True))
+
+
+def apply_masks(model, frozen_range: LayerRange | None, element_masks: dict | None, config: TrainConfig) -> M.MaskHandle:
+    """Register the layer-range and element masks (none on the layers under LoRA, which get no
+    adapter instead); with ``skip_frozen_grads`` the wholly frozen parameters stop requiring grad."""
+    handle = M.MaskHandle()
+    if frozen_range is not None and not config.lora:
+        handle = M.freeze_layers(model, frozen_range, include_norms=config.include_norms)
+    if element_masks:
+        handle = handle.merge(M.freeze_elements(model, element_masks))
+    handle.layer_range = frozen_range
+    if config.skip_frozen_grads:
+        for p in handle.frozen.values():
+            p.requires_grad_(False)
+    return handle
+
+
+def training_arguments(config: TrainConfig, out_dir: Path, device: torch.device):
+    """The ``TrainingArguments`` of a run: checkpoints under ``out_dir/checkpoints``."""
+    from transformers import TrainingArguments
+
+    return TrainingArguments(
+        output_dir=str(out_dir / "checkpoints"),
+        per_device_train_batch_size=config.batch_size,
+        gradient_accumulation_steps=config.grad_accum,
+        num_train_epochs=config.epochs,
+        max_steps=config.max_steps,
+        learning_rate=config.lr,
+        weight_decay=config.weight_decay,
+        warmup_steps=config.warmup,
+        lr_scheduler_type=config.lr_scheduler,
+        max_grad_norm=config.max_grad_norm,
+        optim=config.optim,
+        logging_steps=config.logging_steps,
+        save_strategy=config.save_strategy,
+        save_steps=config.save_steps,
+        save_total_limit=config.save_total_limit,
+        report_to=[],
+        seed=config.seed,
+        data_seed=config.seed,
+        dataloader_num_workers=0,
+        remove_unused_columns=False,
+        disable_tqdm=not config.progress,
+        use_cpu=device.type == "cpu",
+    )
+
+
+def run_trainer(trainer, model, handle: M.MaskHandle, grad_flags: dict[str, bool], lora_model=None,
+                resume_from_checkpoint=None) -> float:
+    """Train, then (whatever happens) take the masks off, put the gradient flags back, merge any
+    LoRA adapter and leave the model in eval mode; returns the seconds spent."""
+    hf_model = model.hf_model
+    start = time.perf_counter()
+    try:
+        hf_model.train()
+        trainer.train(resume_from_checkpoint=resume_from_checkpoint)
+    finally:
+        seconds = time.perf_counter() - start
+        handle.remove()
+        restore_gradients(hf_model, grad_flags)
+        if lora_model is not None:
+            _merge_lora(model, lora_model)
+        hf_model.eval()
+    return seconds
+
+
 # ---------------------------------------------------------------- records
 
 
 def _train_loss(history: list[dict]) -> float | None:
     return next((h["train_loss"] for h in reversed(history) if "train_loss" in h), None)
+
+
+def run_record(model, mode: str, layers, frozen_range: LayerRange | None, handle: M.MaskHandle, n_rows: int,
+               config: TrainConfig, resume_from_checkpoint=None, record: dict | None = None) -> dict:
+    """What ``config.json`` holds: mode, range, masks, data, hyperparameters, device, versions."""
+    return {
+        "mode": mode,
+        "model": model.spec,
+        "template": model.template,
+        "layer_range": [frozen_range.start, frozen_range.end] if frozen_range else None,
+        "safety_range": str(layers) if layers is not None else None,
+        "masks": handle.describe(),
+        "dataset_rows": n_rows,
+        "train": asdict(config),
+        "device": str(model.device),
+        "dtype": str(next(model.hf_model.parameters()).dtype),
+        "resumed_from": str(resume_from_checkpoint) if resume_from_checkpoint else None,
+        "versions": versions(),
+        **({"data": record} if record else {}),
+    }
+
+
+def run_metrics(model, handle: M.MaskHandle, history: list[dict], steps: int, seconds: float) -> dict:
+    """What ``metrics.json`` holds: time, steps, final loss, frozen and trainable element counts."""
+    return {
+        "seconds": round(seconds, 2),
+        "steps": steps,
+        "seconds_per_step": round(seconds / steps, 3) if steps else None,
+        "train_loss": _train_loss(history),
+        "frozen_parameters": len(handle.frozen),
+        "frozen_elements": handle.n_frozen_elements(),
+        "trainable_elements": sum(p.numel() for p in model.hf_model.parameters()) - handle.n_frozen_elements(),
+    }
+
+
+def write_run_folder(out_dir: Path, run_config: dict, history: list[dict], metrics: dict, keep_checkpoints: bool) -> None:
+    """``config.json``, ``log.json`` and ``metrics.json``; the checkpoints folder goes if it is
+    not to be kept or holds nothing."""
+    atomic_write_json(out_dir / "config.json", run_config)
+    atomic_write_json(out_dir / "log.json", history)
+    atomic_write_json(out_dir / "metrics.json", metrics)
+    checkpoints = out_dir / "checkpoints"
+    if not keep_checkpoints or (checkpoints.is_dir() and not any(checkpoints.iterdir())):
+        shutil.rmtree(checkpoints, ignore_errors=True)
 
 
 # ---------------------------------------------------------------- train
@@ -294,71 +441,25 @@ def train(
     located-range JSON).  ``element_masks``: extra ``{name: bool mask}`` frozen elements.
     ``record``: anything to store in config.json (e.g. the data's ``describe`` record).
     ``callbacks``: extra ``TrainerCallback``s (e.g. timers)."""
-    from transformers import TrainingArguments, set_seed
-
-    from finetune.data import tokenize
+    from transformers import set_seed
 
     config = config or TrainConfig()
-    if model.has_bridge and model.arch.fused_blocks:
-        raise ValueError(
-            f"{model.arch.family}: TransformerLens's bridge computes with copies split off the fused "
-            f"{', '.join(model.arch.fused_blocks)} weights, so the model's own parameters would get no gradient; "
-            "fine-tune the plain model: load it with load_model(..., bridge=False)"
-        )
+    check_trainable(model)
     out_dir = Path(out_dir)
     frozen_range = mask_range(model, mode, layers, ablation_layers)
-    if isinstance(dataset, list):
-        dataset = tokenize(dataset, model.tokenizer, config.max_length, config.train_on_inputs, model.template)
-    if len(dataset) == 0:
-        raise ValueError("train: empty dataset")
+    dataset = prepare_dataset(model, dataset, config)
     set_seed(config.seed)
 
-    hf_model = model.hf_model
-    # every weight trains unless masked (a model loaded with a merged PEFT adapter arrives with
-    # requires_grad=False everywhere); the flags are put back afterwards
-    grad_flags = {n: p.requires_grad for n, p in hf_model.named_parameters()}
-    hf_model.requires_grad_(True)
-    handle = M.MaskHandle()
-    if frozen_range is not None and not config.lora:
-        handle = M.freeze_layers(model, frozen_range, include_norms=config.include_norms)
-    if element_masks:
-        handle = handle.merge(M.freeze_elements(model, element_masks))
-    handle.layer_range = frozen_range
-    if config.skip_frozen_grads:
-        for p in handle.frozen.values():
-            p.requires_grad_(False)
-    train_model, lora_targets = hf_model, []
+    grad_flags = enable_gradients(model.hf_model)
+    handle = apply_masks(model, frozen_range, element_masks, config)
+    train_model, lora_model = model.hf_model, None
     if config.lora:
-        train_model, lora_targets = _wrap_lora(model, set(frozen_range.layers if frozen_range else ()), config)
-
-    args = TrainingArguments(
-        output_dir=str(out_dir / "checkpoints"),
-        per_device_train_batch_size=config.batch_size,
-        gradient_accumulation_steps=config.grad_accum,
-        num_train_epochs=config.epochs,
-        max_steps=config.max_steps,
-        learning_rate=config.lr,
-        weight_decay=config.weight_decay,
-        warmup_steps=config.warmup,
-        lr_scheduler_type=config.lr_scheduler,
-        max_grad_norm=config.max_grad_norm,
-        optim=config.optim,
-        logging_steps=config.logging_steps,
-        save_strategy=config.save_strategy,
-        save_steps=config.save_steps,
-        save_total_limit=config.save_total_limit,
-        report_to=[],
-        seed=config.seed,
-        data_seed=config.seed,
-        dataloader_num_workers=0,
-        remove_unused_columns=False,
-        disable_tqdm=not config.progress,
-        use_cpu=model.device.type == "cpu",
-    )
+        train_model, _ = _wrap_lora(model, set(frozen_range.layers if frozen_range else ()), config)
+        lora_model = train_model
     pad_id = model.pad_token_id
     trainer = _trainer_class()(
         model=train_model,
-        args=args,
+        args=training_arguments(config, out_dir, model.device),
         train_dataset=dataset,
         data_collator=lambda feats: pad_collate(feats, pad_id),
         processing_class=model.tokenizer,
@@ -366,51 +467,12 @@ def train(
         loaded=model,
         callbacks=callbacks,
     )
-    start = time.perf_counter()
-    try:
-        hf_model.train()
-        trainer.train(resume_from_checkpoint=resume_from_checkpoint)
-    finally:
-        seconds = time.perf_counter() - start
-        handle.remove()
-        for n, p in hf_model.named_parameters():
-            p.requires_grad_(grad_flags.get(n, True))
-        if config.lora:
-            _merge_lora(model, train_model)
-        hf_model.eval()
+    seconds = run_trainer(trainer, model, handle, grad_flags, lora_model, resume_from_checkpoint)
 
-    history = trainer.state.log_history
-    steps = trainer.state.global_step
-    run_config = {
-        "mode": mode,
-        "model": model.spec,
-        "template": model.template,
-        "layer_range": [frozen_range.start, frozen_range.end] if frozen_range else None,
-        "safety_range": str(layers) if layers is not None else None,
-        "masks": handle.describe(),
-        "dataset_rows": len(dataset),
-        "train": asdict(config),
-        "device": str(model.device),
-        "dtype": str(next(hf_model.parameters()).dtype),
-        "resumed_from": str(resume_from_checkpoint) if resume_from_checkpoint else None,
-        "versions": versions(),
-        **({"data": record} if record else {}),
-    }
-    metrics = {
-        "seconds": round(seconds, 2),
-        "steps": steps,
-        "seconds_per_step": round(seconds / steps, 3) if steps else None,
-        "train_loss": _train_loss(history),
-        "frozen_parameters": len(handle.frozen),
-        "frozen_elements": handle.n_frozen_elements(),
-        "trainable_elements": sum(p.numel() for p in hf_model.parameters()) - handle.n_frozen_elements(),
-    }
-    atomic_write_json(out_dir / "config.json", run_config)
-    atomic_write_json(out_dir / "log.json", history)
-    atomic_write_json(out_dir / "metrics.json", metrics)
-    checkpoints = out_dir / "checkpoints"
-    if not config.keep_checkpoints or (checkpoints.is_dir() and not any(checkpoints.iterdir())):
-        shutil.rmtree(checkpoints, ignore_errors=True)
+    history, steps = trainer.state.log_history, trainer.state.global_step
+    run_config = run_record(model, mode, layers, frozen_range, handle, len(dataset), config, resume_from_checkpoint, record)
+    metrics = run_metrics(model, handle, history, steps, seconds)
+    write_run_folder(out_dir, run_config, history, metrics, config.keep_checkpoints)
     return TrainResult(
         out_dir=out_dir,
         mode=mode,
