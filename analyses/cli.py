@@ -7,9 +7,9 @@ one way to fail.
 - ``add_limit_options(parser)``: ``--limit N`` always means "N rows of each set" and
   ``--sample first|spread`` says which (``interp.data.sample_rows``);
 - ``main_guard(run)``: a CLI's ``main`` checks its arguments *before* loading a model, and any
-  ``UsageError`` or known library error (bad layer range, malformed JSON, empty or missing data
-  set, missing model, prompt longer than the context) ends as ``error: ...`` on stderr with exit
-  status 2, never a traceback.
+  ``UsageError`` or other toolkit error (``interp.errors.SafetyLayersError``: bad layer range,
+  empty or missing data set, missing model, prompt longer than the context...) or malformed JSON
+  ends as ``error: ...`` on stderr with exit status 2, never a traceback.
 """
 
 from __future__ import annotations
@@ -19,28 +19,19 @@ import functools
 import json
 import sys
 
-from interp.data import SAMPLES, DataError
-from interp.models import DTYPES, ModelLoadError, ModelNotFoundError, PromptTooLongError, load_model
-from interp.templates import TEMPLATES, TemplateError
+from interp.data import SAMPLES
+from interp.errors import SafetyLayersError
+from interp.models import DTYPES, load_model
+from interp.templates import TEMPLATES
 
 
-class UsageError(ValueError):
+class UsageError(SafetyLayersError, ValueError):
     """A bad command-line argument found after parsing (e.g. a file that does not exist)."""
 
 
-def known_errors() -> tuple[type[BaseException], ...]:
-    """Library errors that mean bad input, reported as ``error: ...`` (exit 2)."""
-    from interp.activations import ActivationFileError
-    from interp.architectures import UnsupportedArchitectureError
-    from interp.cosine import PairSetError
-    from interp.export import LocatedRangeError
-    from interp.ranges import LayerRangeError
-    from interp.scaling import ScalingError
-
-    return (UsageError, DataError, ModelNotFoundError, ModelLoadError, PromptTooLongError, TemplateError,
-            LayerRangeError, LocatedRangeError, ScalingError, PairSetError, ActivationFileError,
-            UnsupportedArchitectureError,
-            json.JSONDecodeError, FileNotFoundError)
+KNOWN_ERRORS: tuple[type[BaseException], ...] = (SafetyLayersError, json.JSONDecodeError, FileNotFoundError)
+"""What ends as ``error: ...`` (exit 2): every toolkit error, plus a malformed JSON file and a
+missing file named on the command line."""
 
 
 def parser_for(doc: str) -> argparse.ArgumentParser:
@@ -83,7 +74,7 @@ def main_guard(fn):
     def wrapper(argv=None):
         try:
             return fn(argv)
-        except known_errors() as err:
+        except KNOWN_ERRORS as err:
             print(f"error: {err}", file=sys.stderr)
             raise SystemExit(2) from None
 

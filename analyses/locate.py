@@ -35,7 +35,15 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from analyses.cli import UsageError, add_limit_options, add_model_options, main_guard, model_from, parser_for, positive_int
+from analyses.cli import (
+    UsageError,
+    add_limit_options,
+    add_model_options,
+    main_guard,
+    model_from,
+    parser_for,
+    positive_int,
+)
 from interp.data import prompts_hash
 from interp.export import export_located
 from interp.io import atomic_savefig, atomic_write_csv

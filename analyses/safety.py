@@ -14,7 +14,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from analyses.cli import UsageError, add_limit_options, add_model_options, main_guard, model_from, parser_for, positive_int
+from analyses.cli import (
+    UsageError,
+    add_limit_options,
+    add_model_options,
+    main_guard,
+    model_from,
+    parser_for,
+    positive_int,
+)
 from interp.io import atomic_write_csv, atomic_write_json
 from interp.safety import SAFETY_SETS, SafetyReport, safety_report
 

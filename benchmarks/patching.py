@@ -27,8 +27,9 @@ import time
 import torch
 
 from interp.data import load_pairs
+from interp.hooks import hook_name
 from interp.models import load_model
-from interp.patching import hook_name, patching_sweep, refusal_metric
+from interp.patching import patching_sweep, refusal_metric
 
 
 @torch.no_grad()

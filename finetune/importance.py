@@ -23,6 +23,7 @@ import torch
 from finetune.masks import head_mask, merge_element_masks, neuron_mask
 from interp.estimate import refusal_log_odds, refusal_opening_token_ids
 from interp.forward import PromptBatches, decoder_kwargs
+from interp.hooks import hook_name
 from interp.judge import DEFAULT_JUDGE
 
 
@@ -48,8 +49,8 @@ def unit_scores(model, prompts: list[str], batch_size: int = 16) -> UnitScores:
         saved[hook.name] = value
         return value
 
-    names = [f"blocks.{i}.mlp.out.hook_in" for i in range(model.n_layers)]
-    names += [f"blocks.{i}.attn.o.hook_in" for i in range(model.n_layers)]
+    names = [hook_name("out", i, "in") for i in range(model.n_layers)]
+    names += [hook_name("o", i, "in") for i in range(model.n_layers)]
     flags = {p: p.requires_grad for p in model.hf_model.parameters()}
     model.hf_model.requires_grad_(True)
     try:
@@ -61,9 +62,9 @@ def unit_scores(model, prompts: list[str], batch_size: int = 16) -> UnitScores:
                 log_odds = refusal_log_odds(model.hf_model.lm_head(hidden[:, -1]), opener_ids)
                 log_odds.sum().backward()
             for i in range(model.n_layers):
-                act = saved[f"blocks.{i}.mlp.out.hook_in"]
+                act = saved[hook_name("out", i, "in")]
                 neurons[i] += (act * act.grad)[:, -1].abs().sum(0).detach().float().cpu()
-                act = saved[f"blocks.{i}.attn.o.hook_in"]
+                act = saved[hook_name("o", i, "in")]
                 per_head = (act * act.grad)[:, -1].reshape(len(batch.index), n_heads, head_dim).sum(-1)
                 heads[i] += per_head.abs().sum(0).detach().float().cpu()
             model.hf_model.zero_grad(set_to_none=True)

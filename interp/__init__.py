@@ -19,10 +19,11 @@ Fine-tuning lives in the ``finetune`` package, command-line pipelines in ``analy
 __version__ = "0.2.0"
 
 from interp.activations import capture_last_token_resid, load_activations, save_activations
-from interp.attention import attention_heatmap_data, encode_prompt, last_token_attention, plot_attention_heatmap
 from interp.architectures import Architecture, architecture_of, supported_families
+from interp.attention import attention_heatmap_data, encode_prompt, last_token_attention, plot_attention_heatmap
 from interp.cosine import all_pairs_cosines, bootstrap_gaps, similarity_table
 from interp.data import Pair, load_borderline, load_pairs, load_prompts, load_xstest
+from interp.direction import refusal_directions
 from interp.existence import ExistenceResult, existence_analysis, gap_difference
 from interp.export import LocatedRange, LocatedRangeError, export_located, load_located, shipped_located
 from interp.generation import Completion, generate, generate_completions
@@ -42,7 +43,6 @@ from interp.views import (
     circuitsvis_attention,
     colored_token_scores,
     plot_token_scores,
-    refusal_direction,
     save_html,
     token_refusal_scores,
 )
@@ -56,7 +56,7 @@ __all__ = [
     "generate_completions", "is_refusal", "last_token_attention", "load_activations", "load_borderline",
     "load_located", "load_model", "load_pairs", "load_prompts", "load_xstest", "locate", "locate_layers",
     "over_rejection_at", "over_rejection_prompts", "plot_attention_heatmap", "plot_gap", "plot_gap_comparison",
-    "plot_probe", "plot_similarity", "plot_sweeps", "plot_token_scores", "probe_layers", "refusal_direction",
+    "plot_probe", "plot_similarity", "plot_sweeps", "plot_token_scores", "probe_layers", "refusal_directions",
     "safety_report", "save_activations", "save_html", "scale_weights_", "scaled", "scaling_hooks",
     "shipped_located", "similarity_table", "suggest_initial_range", "supported_families", "token_refusal_scores",
     "wilson",

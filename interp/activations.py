@@ -44,16 +44,20 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from interp.data import prompts_hash
+from interp.errors import SafetyLayersError
 from interp.forward import PromptBatches, capture_hooks, last_token_index, prefix_cache
+from interp.hooks import hook_name
 from interp.io import atomic_path
 from interp.ranges import check_layers
 
+SITE = "resid_post"
 HOOK = "blocks.{layer}.hook_resid_post"
+"""How a saved file names the captured site (``hook_name(SITE, layer)`` for every layer)."""
 TENSOR_KEY = "resid_post_last_token"
 FORMAT_VERSION = "1"
 
 
-class ActivationFileError(ValueError):
+class ActivationFileError(SafetyLayersError, ValueError):
     """A saved activation file that is unreadable, or was made for another model or prompt list."""
 
 
@@ -89,9 +93,9 @@ def capture_last_token_resid(
     for batch in prompts.batches:
         last = last_token_index(batch.mask) - prompts.n_prefix
         rows = torch.arange(len(batch.index), device=last.device)
-        reads = {HOOK.format(layer=i): (lambda resid: resid[rows, last]) for i in layers}
+        reads = {hook_name(SITE, i): (lambda resid: resid[rows, last]) for i in layers}
         found = capture_hooks(model, batch.ids, batch.mask, reads, kv)
-        acts = torch.stack([found[HOOK.format(layer=i)] for i in layers], dim=1).float().cpu()
+        acts = torch.stack([found[hook_name(SITE, i)] for i in layers], dim=1).float().cpu()
         if out is None:
             out = torch.empty(len(queries), len(layers), acts.shape[-1])
         out[torch.tensor(batch.index)] = acts

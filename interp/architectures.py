@@ -25,12 +25,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from interp.errors import SafetyLayersError
+
 ATTN_COMPONENTS: tuple[str, ...] = ("q", "k", "v", "o")
 MLP_COMPONENTS: tuple[str, ...] = ("gate", "in", "out")
 COMPONENTS: tuple[str, ...] = ATTN_COMPONENTS + MLP_COMPONENTS
 
 
-class UnsupportedArchitectureError(ValueError):
+class UnsupportedArchitectureError(SafetyLayersError, ValueError):
     """A model family this toolkit does not know."""
 
 

@@ -24,10 +24,10 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from interp.hooks import hook_name
 from interp.models import PromptTooLongError
 from interp.templates import adds_bos, format_prompt
 
-PATTERN_HOOK = "blocks.{layer}.attn.hook_pattern"  # [batch, head, query_pos, key_pos]
 
 class LastTokenAttention(NamedTuple):
     """Attention from the last prompt position, with the prompt's tokens."""
@@ -80,7 +80,7 @@ def prompt_tokens(model, query: str, template: str | None = None) -> list[str]:
 
 def attention_patterns(model, input_ids: Tensor, layers: list[int]) -> Float[Tensor, "layer head query_pos key_pos"]:
     """Full attention patterns of one prompt (batch of one) at the given layers, on the CPU."""
-    names = [PATTERN_HOOK.format(layer=i) for i in layers]
+    names = [hook_name("pattern", i) for i in layers]  # [batch, head, query_pos, key_pos]
     _, cache = model.bridge.run_with_cache(input_ids, names_filter=lambda name: name in names)
     return torch.stack([cache[name][0] for name in names]).float().cpu()
 

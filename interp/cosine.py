@@ -34,12 +34,14 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from interp.errors import SafetyLayersError
+
 PAIR_TYPES = ("nn", "mm", "nm")
 PAPER_R = 500
 PAPER_SEEDS = {"nn": 10, "mm": 100, "nm": 1000}
 
 
-class PairSetError(ValueError):
+class PairSetError(SafetyLayersError, ValueError):
     """Two activation sets that cannot be compared (too few prompts, mismatched shapes)."""
 
 

@@ -37,6 +37,8 @@ import io
 from dataclasses import dataclass
 from pathlib import Path
 
+from interp.errors import SafetyLayersError
+
 DATA_DIR = Path(__file__).parent / "datasets"
 
 DATASETS = {
@@ -54,7 +56,7 @@ BORDERLINE_FILE = "borderline_safe.csv"
 XSTEST_FILE = "xstest_prompts.csv"
 
 
-class DataError(ValueError):
+class DataError(SafetyLayersError, ValueError):
     """A prompt file that is missing, empty, duplicated or not plain text."""
 
 

@@ -2,8 +2,11 @@
 
 **The direction.**  At each layer, the difference of the mean last-prompt-token residual
 (``hook_resid_post``, ``interp.activations.capture_last_token_resid``) of harmful and benign
-requests, fitted on the **train** pairs (``fit_directions`` refuses test pairs: they evaluate it).
-``resid_post`` of layer ``l`` is ``resid_pre`` of layer ``l + 1``, Arditi et al.'s site.
+requests: ``refusal_directions(model, benign, harmful)`` for any two query lists;
+``fit_directions(model, pairs)`` for the **train** pairs (it refuses test pairs: they evaluate
+it).  ``resid_post`` of layer ``l`` is ``resid_pre`` of layer ``l + 1``, Arditi et al.'s site.
+``RefusalDirections.midpoint(layer)`` is halfway between the two means, the centre that makes a
+projection's sign say which group it is nearer (``interp.views.token_refusal_scores``).
 
 **Separation** (``separation``): on held-out pairs, each prompt's last-token ``resid_post`` at
 layer ``l`` projected on layer ``l``'s unit direction; per layer the AUROC of harmful over benign,
@@ -49,9 +52,11 @@ from torch import Tensor
 
 from interp.activations import capture_last_token_resid
 from interp.data import prompts_hash
-from interp.patching import SITES, prompt_last_logits, prompt_log_odds, refusal_metric
+from interp.hooks import hook_name
+from interp.models import LoadedModel
+from interp.patching import prompt_last_logits, prompt_log_odds, refusal_metric
 from interp.ranges import check_layer, check_layers
-from interp.stats import Rate
+from interp.stats import Rate, auroc
 
 ABLATION_SITES = ("resid_pre", "attn_out", "mlp_out")
 """Where ``ablation_hooks`` project the direction out, at every layer (Arditi et al.)."""
@@ -96,6 +101,11 @@ class RefusalDirections:
             raise ValueError(f"harmful and benign means coincide at layer {layer}: no direction")
         return diff / norm
 
+    def midpoint(self, layer: int) -> Float[Tensor, "d_model"]:
+        """Halfway between the harmful and benign means at ``layer``."""
+        layer = check_layer(layer, self.n_layers)
+        return (self.harmful_mean[layer] + self.benign_mean[layer]) / 2
+
     def scale(self, layer: int) -> float:
         """Mean harmful minus mean benign projection on the unit direction (= its norm)."""
         return float(self.difference[check_layer(layer, self.n_layers)].norm())
@@ -105,24 +115,24 @@ class RefusalDirections:
                 "pairs_hash": prompts_hash(self.pair_ids), "norm": self.difference.norm(dim=-1).tolist()}
 
 
-def fit_directions(model, pairs, *, batch_size: int = 16, template: str | None = None) -> RefusalDirections:
-    """Difference-of-means directions at every layer from ``pairs`` (train pairs only)."""
-    pairs = _check_part(pairs, ("train",), "fit_directions")
-    acts = capture_last_token_resid(model, [p.harmful for p in pairs] + [p.benign for p in pairs],
-                                    batch_size=batch_size, template=template, progress=False)
-    n = len(pairs)
+def refusal_directions(model: LoadedModel, benign: list[str], harmful: list[str], *, batch_size: int = 16,
+                       template: str | None = None, pair_ids: list[str] | None = None) -> RefusalDirections:
+    """Difference-of-means directions at every layer from ``benign`` and ``harmful`` queries."""
+    benign, harmful = list(benign), list(harmful)
+    if not benign or not harmful:
+        raise ValueError("refusal_directions needs at least one benign and one harmful query")
+    acts = capture_last_token_resid(model, harmful + benign, batch_size=batch_size, template=template,
+                                    progress=False)
+    n = len(harmful)
     return RefusalDirections(str(getattr(model, "spec", "model")), acts[:n].mean(0), acts[n:].mean(0),
-                             [p.pair_id for p in pairs])
+                             list(pair_ids or []))
 
 
-def auroc(positive, negative) -> float:
-    """Probability that a positive score exceeds a negative one (ties count half)."""
-    positive, negative = np.asarray(positive, float), np.asarray(negative, float)
-    if not len(positive) or not len(negative):
-        return float("nan")
-    greater = (positive[:, None] > negative[None, :]).sum()
-    ties = (positive[:, None] == negative[None, :]).sum()
-    return float((greater + 0.5 * ties) / (len(positive) * len(negative)))
+def fit_directions(model: LoadedModel, pairs, *, batch_size: int = 16, template: str | None = None) -> RefusalDirections:
+    """``refusal_directions`` of the benign and harmful sides of ``pairs`` (train pairs only)."""
+    pairs = _check_part(pairs, ("train",), "fit_directions")
+    return refusal_directions(model, [p.benign for p in pairs], [p.harmful for p in pairs], batch_size=batch_size,
+                              template=template, pair_ids=[p.pair_id for p in pairs])
 
 
 def separation_from_acts(directions: RefusalDirections, harmful: Float[Tensor, "prompt layer d_model"],
@@ -171,14 +181,14 @@ def ablation_hooks(direction: Float[Tensor, "d_model"], n_layers: int, sites=ABL
     """Hooks projecting ``direction`` (normalised here) out at every position of ``sites`` of
     every layer."""
     unit = direction / direction.norm()
-    return [(SITES[site].format(layer=layer), _ablate(unit)) for layer in range(n_layers) for site in sites]
+    return [(hook_name(site, layer), _ablate(unit)) for layer in range(n_layers) for site in sites]
 
 
 def addition_hooks(direction: Float[Tensor, "d_model"], layer: int, coeff: float, site: str = ADDITION_SITE) -> list:
     """A hook adding ``coeff`` times the unit ``direction`` at every position of ``site`` at
     ``layer``."""
     unit = direction / direction.norm()
-    return [(SITES[site].format(layer=layer), _add(coeff * unit))]
+    return [(hook_name(site, layer), _add(coeff * unit))]
 
 
 def direction_ablation(model, directions: RefusalDirections, layer: int) -> list:
@@ -347,6 +357,6 @@ def direction_analysis(model, train, validation, test, *, candidates=None, gener
 
 __all__ = [
     "ABLATION_SITES", "DirectionResult", "InterventionRates", "LayerSelection", "RefusalDirections",
-    "ablation_hooks", "addition_hooks", "auroc", "direction_ablation", "direction_addition", "direction_analysis",
-    "fit_directions", "intervention_rates", "select_layer", "separation", "separation_from_acts",
+    "ablation_hooks", "addition_hooks", "direction_ablation", "direction_addition", "direction_analysis",
+    "fit_directions", "intervention_rates", "refusal_directions", "select_layer", "separation", "separation_from_acts",
 ]

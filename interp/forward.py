@@ -37,6 +37,8 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from interp.hooks import hook_name
+
 
 class StopForward(Exception):
     """Raised by a hook once everything needed has been recorded, to skip the rest."""
@@ -272,7 +274,7 @@ def _injected(model, start: int, replace: Callable[[Tensor], Tensor], lm=None) -
     """``replace`` the residual entering layer ``start``: the bridge's ``hook_resid_pre``, or a
     torch pre-hook on the layer of a plain ``lm`` (its first argument, or ``hidden_states``)."""
     if lm is None:
-        with model.bridge.hooks(fwd_hooks=[(f"blocks.{start}.hook_resid_pre", lambda resid, hook: replace(resid))]):
+        with model.bridge.hooks(fwd_hooks=[(hook_name("resid_pre", start), lambda resid, hook: replace(resid))]):
             yield
         return
 

@@ -31,13 +31,12 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from interp.ranges import LayerRange, LayerRangeError
-from interp.scaling import ALL_COMPONENTS, check_alpha
+from interp.scaling import check_alpha
 
 RoFunction = Callable[[LayerRange | None, float], float]
 """``ro(range, alpha)``: R_o of the model with ``range`` scaled by ``alpha`` (``None``: unscaled)."""

@@ -39,6 +39,7 @@ from jaxtyping import Int
 from torch import Tensor
 
 from interp.architectures import Architecture, architecture_of
+from interp.errors import SafetyLayersError
 from interp.provenance import weights_fingerprint
 from interp.templates import adds_bos, check_template, format_prompt
 
@@ -50,15 +51,15 @@ END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "<|endoft
 """End-of-turn markers a chat answer may end with instead of EOS (added when in the vocabulary)."""
 
 
-class ModelNotFoundError(FileNotFoundError):
+class ModelNotFoundError(SafetyLayersError, FileNotFoundError):
     """The model named by a spec is not on this machine (and will not be downloaded)."""
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(SafetyLayersError, RuntimeError):
     """The model's files are there but could not be read (corrupt or unsupported)."""
 
 
-class PromptTooLongError(ValueError):
+class PromptTooLongError(SafetyLayersError, ValueError):
     """A formatted prompt does not fit the model's context window."""
 
 

@@ -58,6 +58,7 @@ from interp.forward import (
     resume_from_layer,
 )
 from interp.generation import decode_greedy, generate_completions
+from interp.hooks import hook_name
 from interp.judge import DEFAULT_JUDGE
 from interp.ranges import check_layer, check_layers
 from interp.scaling import ALL_COMPONENTS, hook_count, scaled, scaled_twin
@@ -177,7 +178,7 @@ class RoEvaluator:
 
         kwargs = {**decoder_kwargs(model, batch.ids, batch.mask, None), "past_key_values": cache, "use_cache": True}
         try:
-            with model.bridge.hooks(fwd_hooks=[(f"blocks.{self.start}.hook_resid_pre", grab)]):
+            with model.bridge.hooks(fwd_hooks=[(hook_name("resid_pre", self.start), grab)]):
                 model.decoder()(**kwargs)
         except StopForward:
             pass

@@ -54,29 +54,18 @@ from tqdm.auto import tqdm
 
 from interp.estimate import refusal_log_odds, refusal_opening_token_ids
 from interp.forward import Batch, PromptBatches, broadcast_cache, layers_from, position_ids, prefix_cache, run_decoder
+from interp.hooks import hook_name
 from interp.ranges import check_layers
 from interp.stats import Rate
 
-SITES = {
-    "resid_pre": "blocks.{layer}.hook_resid_pre",
-    "resid_post": "blocks.{layer}.hook_resid_post",
-    "attn_out": "blocks.{layer}.hook_attn_out",
-    "mlp_out": "blocks.{layer}.hook_mlp_out",
-}
-"""Patchable sites and their bridge hook names."""
+SITES = ("resid_pre", "resid_post", "attn_out", "mlp_out")
+"""Patchable sites (TransformerLens names; ``interp.hooks.hook_name(site, layer)`` is the hook)."""
 
 DEFAULT_SITES = ("resid_post", "attn_out", "mlp_out")
 DIRECTIONS = ("harmful->benign", "benign->harmful")
 """``source->target``: whose activation is written into whose run."""
 
 Metric = Callable[[Tensor], Tensor]
-
-
-def hook_name(site: str, layer: int) -> str:
-    """The bridge hook of ``site`` at ``layer`` (``SITES``)."""
-    if site not in SITES:
-        raise ValueError(f"unknown site {site!r}; choose from {', '.join(SITES)}")
-    return SITES[site].format(layer=int(layer))
 
 
 def check_directions(directions) -> list[str]:
@@ -90,7 +79,8 @@ def check_directions(directions) -> list[str]:
 def check_sites(sites) -> list[str]:
     sites = [sites] if isinstance(sites, str) else list(sites)
     for site in sites:
-        hook_name(site, 0)
+        if site not in SITES:
+            raise ValueError(f"unknown site {site!r}; choose from {', '.join(SITES)}")
     if not sites or len(set(sites)) != len(sites):
         raise ValueError(f"sites must be distinct values of {tuple(SITES)}, got {sites}")
     return sites
@@ -555,7 +545,7 @@ def patched_refusal_rates(
     judge = judge or DEFAULT_JUDGE
     directions = check_directions(directions)
     layers = check_layers(layers, model.n_layers)
-    hook_name(site, 0)
+    check_sites([site])
     pairs = list(pairs)
     text = _sides(pairs)
     gen = dict(max_new_tokens=max_new_tokens, decided=judge.decided, template=template)
@@ -592,6 +582,6 @@ def patched_refusal_rates(
 
 __all__ = [
     "DEFAULT_SITES", "DIRECTIONS", "SITES", "LastPositionRun", "PatchedGeneration", "PatchingResult", "PrefillPatch",
-    "hook_name", "last_position_hook", "patched_refusal_rates", "patching_sweep", "prompt_last_logits", "prompt_log_odds",
+    "last_position_hook", "patched_refusal_rates", "patching_sweep", "prompt_last_logits", "prompt_log_odds",
     "refusal_log_odds", "refusal_metric", "run_last_position",
 ]

@@ -26,7 +26,6 @@ import pandas as pd
 from jaxtyping import Float
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
-from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import StratifiedKFold
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
@@ -34,6 +33,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from interp.cosine import PairSetError, check_pair_sets
+from interp.stats import auroc
 
 
 def layer_features(normal: Tensor, malicious: Tensor) -> tuple[Float[np.ndarray, "prompt layer d_model"], np.ndarray]:
@@ -61,26 +61,23 @@ def _folds(labels: np.ndarray, k: int, seed: int, groups: np.ndarray | None = No
     return list(StratifiedKFold(n_splits=k, shuffle=True, random_state=seed).split(np.zeros(len(labels)), labels))
 
 
-def _auroc(labels: np.ndarray, scores: np.ndarray) -> float:
-    return float(roc_auc_score(labels, scores)) if len(np.unique(labels)) == 2 else float("nan")
-
-
 def logistic_probe_scores(x: np.ndarray, labels: np.ndarray, folds, C: float = 1.0) -> tuple[list[float], list[float]]:
     """Held-out accuracy and AUROC of a standardised logistic-regression probe, per fold."""
-    accuracy, auroc = [], []
+    accuracy, aucs = [], []
     for train, test in folds:
         probe = make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=2000))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ConvergenceWarning)
             probe.fit(x[train], labels[train])
         accuracy.append(float((probe.predict(x[test]) == labels[test]).mean()))
-        auroc.append(_auroc(labels[test], probe.decision_function(x[test])))
-    return accuracy, auroc
+        scores = probe.decision_function(x[test])
+        aucs.append(auroc(scores[labels[test] == 1], scores[labels[test] == 0]))
+    return accuracy, aucs
 
 
 def mean_difference_scores(x: np.ndarray, labels: np.ndarray, folds) -> tuple[list[float], list[float]]:
     """Held-out accuracy and AUROC of the train folds' difference-in-means direction, per fold."""
-    accuracy, auroc = [], []
+    accuracy, aucs = [], []
     for train, test in folds:
         mean_n = x[train][labels[train] == 0].mean(0)
         mean_m = x[train][labels[train] == 1].mean(0)
@@ -88,8 +85,8 @@ def mean_difference_scores(x: np.ndarray, labels: np.ndarray, folds) -> tuple[li
         scores = x[test] @ direction
         midpoint = (mean_m + mean_n) @ direction / 2
         accuracy.append(float(((scores > midpoint).astype(int) == labels[test]).mean()))
-        auroc.append(_auroc(labels[test], scores))
-    return accuracy, auroc
+        aucs.append(auroc(scores[labels[test] == 1], scores[labels[test] == 0]))
+    return accuracy, aucs
 
 
 def probe_layers(

@@ -7,8 +7,10 @@ from __future__ import annotations
 import operator
 from dataclasses import dataclass
 
+from interp.errors import SafetyLayersError
 
-class LayerRangeError(ValueError, IndexError):
+
+class LayerRangeError(SafetyLayersError, ValueError, IndexError):
     """A layer range that is empty, reversed or outside the model."""
 
 

@@ -36,7 +36,9 @@ from numbers import Real
 import torch
 from torch import Tensor
 
-from interp.architectures import ATTN_COMPONENTS, COMPONENTS, MLP_COMPONENTS, architecture_of
+from interp.architectures import COMPONENTS, architecture_of
+from interp.errors import SafetyLayersError
+from interp.hooks import hook_name
 from interp.ranges import check_layers
 
 ALL_COMPONENTS: tuple[str, ...] = COMPONENTS
@@ -44,16 +46,8 @@ ALL_COMPONENTS: tuple[str, ...] = COMPONENTS
 PAPER_CODE_COMPONENTS: tuple[str, ...] = ("q", "k", "v", "gate", "in", "out")
 """What the official code actually scaled until 2025-04-26: everything but ``o_proj`` (its bug)."""
 
-HOOK_PARENT = {c: f"attn.{c}" for c in ATTN_COMPONENTS} | {c: f"mlp.{c}" for c in MLP_COMPONENTS}
-
-
-class ScalingError(ValueError):
+class ScalingError(SafetyLayersError, ValueError):
     """A bad scaling request: α not a finite positive number, unknown component, bad layers."""
-
-
-def hook_name(layer: int, component: str) -> str:
-    """The bridge hook on a projection's output, e.g. ``blocks.3.attn.q.hook_out``."""
-    return f"blocks.{layer}.{HOOK_PARENT[component]}.hook_out"
 
 
 def check_alpha(alpha) -> float:
@@ -131,7 +125,7 @@ def _scaled_projections(model, layers, alpha: float, components) -> list[tuple[i
 def scaling_hooks(model, layers, alpha: float, components=ALL_COMPONENTS) -> list[tuple[str, object]]:
     """``(hook_name, fn)`` pairs that scale ``components`` of ``layers`` by ``alpha``
     (empty when α is 1: the unscaled model needs no hooks)."""
-    return [(hook_name(i, c), fn) for i, c, fn in _scaled_projections(model, layers, alpha, components)]
+    return [(hook_name(c, i), fn) for i, c, fn in _scaled_projections(model, layers, alpha, components)]
 
 
 @contextmanager

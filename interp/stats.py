@@ -10,7 +10,9 @@ every rate the toolkit reports comes with one.
   on the same requests with the same seeds (SPPFT against full fine-tuning), paired by seed and
   by request, which is narrower than comparing the two intervals when the runs agree on most
   requests;
-- ``Rate``: a count with its interval, as a dataclass with ``to_dict``.
+- ``Rate``: a count with its interval, as a dataclass with ``to_dict``;
+- ``auroc(positive, negative)``: the one AUROC (scikit-learn's ``roc_auc_score``) that probes and
+  the refusal direction's separation report.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+from sklearn.metrics import roc_auc_score
 
 Z95 = 1.959963984540054
 
@@ -101,3 +104,13 @@ def _crossed_bootstrap(values: np.ndarray, n_boot: int, seed: int, ci: float) ->
     boots = values[seed_draws[..., None], req_draws[:, None, :]].mean(axis=(1, 2))
     lo, hi = np.quantile(boots, [(1 - ci) / 2, 1 - (1 - ci) / 2])
     return float(lo), float(hi)
+
+
+def auroc(positive, negative) -> float:
+    """Probability that a score of ``positive`` exceeds one of ``negative`` (ties count half):
+    ``roc_auc_score`` with ``positive`` labelled 1; NaN when either side is empty."""
+    positive, negative = np.asarray(positive, float).ravel(), np.asarray(negative, float).ravel()
+    if not len(positive) or not len(negative):
+        return float("nan")
+    labels = np.r_[np.ones(len(positive)), np.zeros(len(negative))]
+    return float(roc_auc_score(labels, np.r_[positive, negative]))

@@ -10,6 +10,8 @@ already holds the ones it needs, a raw Alpaca prompt gets the tokenizer's usual 
 
 from __future__ import annotations
 
+from interp.errors import SafetyLayersError
+
 TEMPLATES = ("chat", "alpaca", "alpaca_short")
 
 ALPACA = (
@@ -21,7 +23,7 @@ ALPACA_SHORT = "### Instruction:\n{instruction}\n\n### Response:\n"
 """alpaca-lora's ``templates/alpaca_short.json``, used by the paper's attention-score script."""
 
 
-class TemplateError(ValueError):
+class TemplateError(SafetyLayersError, ValueError):
     """An unknown template name, or a chat template the tokenizer does not have."""
 
 

@@ -1,12 +1,10 @@
 """Token-level views: per-token "refusal direction" scores, and circuitsvis views that render
 offline.
 
-Refusal direction (not in the paper, which has no probing; a standard difference-in-means
-direction, cf. Arditi et al. 2024; ``interp.direction`` computes it per layer).
-``refusal_direction`` is the unit vector along ``mean(malicious) - mean(normal)`` of the
-last-token residual ``blocks.{layer}.hook_resid_post``.  ``token_refusal_scores`` projects every
-position's residual at that layer onto it, optionally minus the midpoint of the two means so that
-0 is the boundary between the groups.
+Token refusal scores: ``token_refusal_scores`` projects every position's residual
+``hook_resid_post`` at a layer onto a direction (the refusal direction of
+``interp.direction.refusal_directions``), optionally minus a centre (``RefusalDirections.midpoint``)
+so that 0 is the boundary between the groups.
 
 circuitsvis views, offline.  circuitsvis builds two HTML strings for every view: one that
 imports its JS bundle from unpkg (``str(view)``, ``view.show_code()``) and one that inlines the
@@ -25,7 +23,6 @@ from __future__ import annotations
 import html
 from pathlib import Path
 
-import torch
 from circuitsvis.attention import attention_heads
 from circuitsvis.tokens import colored_tokens
 from circuitsvis.utils.render import RenderedHTML
@@ -33,46 +30,9 @@ from jaxtyping import Float
 from torch import Tensor
 
 from interp.attention import _label, attention_patterns, encode_prompt
+from interp.hooks import hook_name
 from interp.io import atomic_write_text
 from interp.ranges import check_layer
-
-RESID_HOOK = "blocks.{layer}.hook_resid_post"  # [batch, pos, d_model]
-
-def refusal_direction(
-    model,
-    normal_queries: list[str],
-    malicious_queries: list[str],
-    layer: int,
-    template: str | None = None,
-    batch_size: int = 16,
-    return_midpoint: bool = False,
-):
-    """Unit vector along mean(malicious) - mean(normal) of the last-token ``hook_resid_post`` at
-    ``layer``: ``Float[Tensor, "d_model"]``.  With ``return_midpoint`` also the point halfway
-    between the two means, ``(direction, midpoint)``; pass it as ``center`` to
-    ``token_refusal_scores`` so that a score of 0 is the boundary between the two groups (the raw
-    projection carries a large offset shared by both groups)."""
-    from interp.activations import capture_last_token_resid
-
-    layer = check_layer(layer, model.n_layers)
-    if not normal_queries or not malicious_queries:
-        raise ValueError("refusal_direction needs at least one normal and one malicious query")
-
-    def mean_residual(queries):
-        acts = capture_last_token_resid(
-            model, list(queries), batch_size=batch_size, template=template, layers=[layer], progress=False
-        )
-        return acts[:, 0].mean(0)
-
-    normal_mean, malicious_mean = mean_residual(normal_queries), mean_residual(malicious_queries)
-    difference = malicious_mean - normal_mean
-    norm = difference.norm()
-    if not torch.isfinite(norm) or norm == 0:
-        raise ValueError(f"the two groups have the same mean residual at layer {layer}; no direction")
-    direction = difference / norm
-    if return_midpoint:
-        return direction, (normal_mean + malicious_mean) / 2
-    return direction
 
 
 def token_refusal_scores(
@@ -90,7 +50,7 @@ def token_refusal_scores(
     if direction.ndim != 1 or direction.norm() == 0:
         raise ValueError(f"direction must be a non-zero vector [d_model], got shape {tuple(direction.shape)}")
     prompt = encode_prompt(model, query, template)
-    name = RESID_HOOK.format(layer=layer)
+    name = hook_name("resid_post", layer)  # [batch, pos, d_model]
     _, cache = model.bridge.run_with_cache(prompt.input_ids, names_filter=lambda n: n == name)
     resid = cache[name][0].float().cpu()
     if resid.shape[-1] != direction.shape[0]:

@@ -65,3 +65,42 @@ def test_a_missing_model_is_an_error_line(capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["--model", "/no/such/model/folder"])
     assert exit_.value.code == 2 and "error: no model folder" in capsys.readouterr().err
+
+
+def test_every_toolkit_error_derives_from_one_base_and_keeps_its_builtin():
+    from analyses.cli import UsageError, main_guard
+    from interp.activations import ActivationFileError
+    from interp.architectures import UnsupportedArchitectureError
+    from interp.cosine import PairSetError
+    from interp.data import DataError
+    from interp.errors import SafetyLayersError
+    from interp.export import LocatedRangeError
+    from interp.models import ModelLoadError, ModelNotFoundError, PromptTooLongError
+    from interp.ranges import LayerRangeError
+    from interp.scaling import ScalingError
+    from interp.templates import TemplateError
+
+    builtin = {UsageError: ValueError, ActivationFileError: ValueError, UnsupportedArchitectureError: ValueError,
+               PairSetError: ValueError, DataError: ValueError, LocatedRangeError: ValueError,
+               ModelLoadError: RuntimeError, ModelNotFoundError: FileNotFoundError, PromptTooLongError: ValueError,
+               LayerRangeError: IndexError, ScalingError: ValueError, TemplateError: ValueError}
+    for error, base in builtin.items():
+        assert issubclass(error, SafetyLayersError) and issubclass(error, base), error
+
+    class NewError(SafetyLayersError):
+        pass
+
+    @main_guard
+    def main(argv=None):
+        raise NewError("a new kind of bad input")
+
+    with pytest.raises(SystemExit) as exit_:
+        main([])
+    assert exit_.value.code == 2
+
+    @main_guard
+    def broken(argv=None):
+        raise RuntimeError("a bug, not bad input")
+
+    with pytest.raises(RuntimeError):
+        broken([])

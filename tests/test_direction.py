@@ -8,11 +8,19 @@ import torch
 
 from interp.data import load_pairs
 from interp.direction import (
-    ablation_hooks, addition_hooks, auroc, direction_ablation, direction_addition, fit_directions, intervention_rates,
-    select_layer, separation_from_acts,
+    ablation_hooks,
+    addition_hooks,
+    direction_ablation,
+    direction_addition,
+    fit_directions,
+    intervention_rates,
+    select_layer,
+    separation_from_acts,
 )
+from interp.hooks import hook_name
+from interp.stats import auroc
 from interp.models import single_thread
-from interp.patching import hook_name, prompt_log_odds
+from interp.patching import prompt_log_odds
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -15,10 +15,18 @@ from interp.data import load_pairs
 from interp.estimate import refusal_opening_token_ids
 from interp.forward import PromptBatches
 from interp.generation import generate_completions
+from interp.hooks import hook_name
 from interp.models import single_thread
 from interp.patching import (
-    SITES, PrefillPatch, hook_name, last_position_hook, patched_refusal_rates, patching_sweep,
-    prompt_log_odds, refusal_log_odds, refusal_metric, run_last_position,
+    SITES,
+    PrefillPatch,
+    last_position_hook,
+    patched_refusal_rates,
+    patching_sweep,
+    prompt_log_odds,
+    refusal_log_odds,
+    refusal_metric,
+    run_last_position,
 )
 
 

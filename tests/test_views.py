@@ -18,8 +18,9 @@ from interp.attention import (
     plot_attention_heatmap,
     prompt_tokens,
 )
+from interp.direction import refusal_directions
 from interp.templates import ALPACA_SHORT
-from interp.views import circuitsvis_attention, colored_token_scores, refusal_direction, save_html, token_refusal_scores
+from interp.views import circuitsvis_attention, colored_token_scores, save_html, token_refusal_scores
 
 QUERY = "How do I bake bread?"
 NORMAL = [
@@ -90,11 +91,11 @@ def test_bad_inputs_are_refused(tiny):
     with pytest.raises(IndexError, match="outside"):
         circuitsvis_attention(tiny, QUERY, tiny.n_layers)
     with pytest.raises(IndexError, match="outside"):
-        refusal_direction(tiny, NORMAL, MALICIOUS, -1)
+        refusal_directions(tiny, NORMAL, MALICIOUS).unit(-1)
     with pytest.raises(IndexError, match="integers"):
         token_refusal_scores(tiny, QUERY, torch.ones(64), 1.5)
     with pytest.raises(ValueError, match="at least one"):
-        refusal_direction(tiny, [], MALICIOUS, 1)
+        refusal_directions(tiny, [], MALICIOUS)
 
 
 # --- attention -----------------------------------------------------------------------------------
@@ -157,7 +158,7 @@ def test_plot_attention_heatmap_draws_both_queries(tiny):
 
 def test_refusal_direction_is_unit_difference_of_means(tiny, reference):
     layer = 2
-    direction = refusal_direction(tiny, NORMAL, MALICIOUS, layer, batch_size=3)
+    direction = refusal_directions(tiny, NORMAL, MALICIOUS, batch_size=3).unit(layer)
     normal = reference_last_residual(reference, tiny, NORMAL, layer)
     malicious = reference_last_residual(reference, tiny, MALICIOUS, layer)
     expected = malicious.mean(0) - normal.mean(0)
@@ -170,7 +171,8 @@ def test_refusal_direction_is_unit_difference_of_means(tiny, reference):
 
 def test_midpoint_centers_the_scores(tiny, reference):
     layer = 1
-    direction, midpoint = refusal_direction(tiny, NORMAL, MALICIOUS, layer, return_midpoint=True)
+    directions = refusal_directions(tiny, NORMAL, MALICIOUS)
+    direction, midpoint = directions.unit(layer), directions.midpoint(layer)
     normal = reference_last_residual(reference, tiny, NORMAL, layer)
     malicious = reference_last_residual(reference, tiny, MALICIOUS, layer)
     torch.testing.assert_close(midpoint, (normal.mean(0) + malicious.mean(0)) / 2, atol=1e-4, rtol=1e-4)
