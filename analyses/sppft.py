@@ -17,7 +17,8 @@ paired by seed and request), ``dose.csv``, ``audit.csv``, ``results.json`` and t
 parameter sharded over the launch's processes (``finetune.sharded``, FSDP2) and writes the gathered
 plain HF checkpoint ``<out>/model`` with the run folder beside it; nothing is evaluated (evaluate the
 checkpoint with ``python -m analyses.safety --model <out>/model``).  It is the path for models that
-outgrow one machine's memory (docs/scaling.md); a launch of several processes runs only it:
+outgrow one GPU's memory (docs/scaling.md); without ``--train-only`` a multi-process launch runs the
+study under DDP (every process evaluates too):
 
     accelerate launch --config_file finetune/accelerate_sharded.yaml -m analyses.sppft --train-only \
         --model DIR --layers 13,14 --data implicit --modes sppft --seeds 0 --steps 64 --answers answers.jsonl
@@ -99,13 +100,8 @@ def parse_args(argv=None):
 
 
 def check_sharded_args(args) -> None:
-    """``--train-only`` runs exactly one run; a launch of several processes runs only that."""
-    from finetune.sharded import world
-
+    """``--train-only`` runs exactly one run of sppft, full or ablation."""
     if not args.train_only:
-        if world()[1] > 1:
-            raise UsageError(f"this launch has {world()[1]} processes: only --train-only (sharded fine-tuning) runs "
-                             "under a multi-process launch; the study evaluates on one process")
         if args.answers is not None:
             raise UsageError("--answers goes with --train-only")
         return

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # One-shot GPU check (under 5 minutes on one GPU): the embedded models on CUDA in bfloat16
-# through the command-line analyses, one R_o evaluation and a few SPPFT steps, printing each
-# step's result and wall time.  Installs nothing: it expects the project's venv (make setup).
+# through the command-line analyses, one R_o evaluation, a few SPPFT steps, and SPPFT sharded with
+# FSDP2 over every GPU (one process per GPU, NCCL; a world of one on a one-GPU machine), with its
+# frozen layers checked bit-identical in the gathered checkpoint, printing each step's result and
+# wall time.  Installs nothing: it expects the project's venv (make setup).
 #
 #   bash benchmarks/gpu_check.sh                 # writes under results/gpu_check
 #   OUT=/tmp/gpu_check PY=python bash benchmarks/gpu_check.sh
@@ -88,6 +90,27 @@ if torch.cuda.is_available():
 step sppft "$PY" -m analyses.sppft --model embedded --device "$DEVICE" --layers "$LAYERS" --data implicit \
     --modes sppft --seeds 0 --steps 4 --eval-steps 0,4 --batch-size 4 --train-size 16 --dose-limit 10 \
     --final-limit 10 --quality 4 --no-audit --out "$OUT/sppft"
+
+NGPU=$("$PY" -c 'import torch; print(max(1, torch.cuda.device_count()))')
+step sharded_sppft "$PY" -m torch.distributed.run --nproc-per-node "$NGPU" --master-addr 127.0.0.1 \
+    --master-port "${SHARDED_PORT:-29561}" -m analyses.sppft --train-only --model embedded --layers "$LAYERS" \
+    --data implicit --modes sppft --seeds 0 --steps 4 --batch-size $((2 * NGPU)) --train-size 16 --out "$OUT/sharded"
+
+step sharded_check "$PY" -c "
+import json, torch
+from finetune import masks as M
+from interp.models import load_model
+start, end = map(int, '$LAYERS'.split(','))
+config = json.load(open('$OUT/sharded/config.json'))
+print(f\"sharded over {config['world_size']} process(es), backend {config['backend']}, device {config['device']}\")
+before = M.named_parameters(load_model('embedded', device='cpu', bridge=False))
+after = M.named_parameters(load_model('$OUT/sharded/model', device='cpu', bridge=False))
+frozen = set(M.layer_parameters(load_model('embedded', device='cpu', bridge=False), range(start, end + 1)))
+assert frozen == set(config['frozen_parameters']), 'frozen names differ'
+same = [n for n in before if torch.equal(before[n], after[n])]
+assert set(same) == frozen, f'bit-identical: {len(same)} parameters, frozen: {len(frozen)}'
+print(f'{len(frozen)} frozen parameters bit-identical, the other {len(before) - len(frozen)} moved; losses', [round(h['loss'], 4) for h in json.load(open('$OUT/sharded/log.json'))])
+"
 
 total=$(awk -v a="$total_start" -v b="$(date +%s.%N)" 'BEGIN { printf "%.0f", b - a }')
 echo

@@ -24,6 +24,10 @@ shrinks every weight it is given, and momentum carries earlier updates on.  So
   ``m = v = 0``) and, as a guarantee that holds for any optimizer, writes the saved values of
   the masked elements back after every optimizer step (``MaskHandle.restore``).  The unmasked
   elements of such a parameter therefore train without weight decay.
+
+Tensor hooks need the parameters the forward uses to be the ones hooked; sharding
+(``finetune.sharded``) replaces them, so there whole layers are frozen by ``requires_grad=False``
+and element masks are refused.
 """
 
 from __future__ import annotations

@@ -60,6 +60,7 @@ from torch import Tensor
 
 from finetune import masks as M
 from finetune.train import TrainConfig, mask_range, pad_collate, prepare_dataset
+from interp.errors import SafetyLayersError
 from interp.io import atomic_write_json
 from interp.provenance import versions
 
@@ -67,7 +68,7 @@ CHECKPOINT = "model"
 """The gathered checkpoint's folder under a run's ``out_dir``."""
 
 
-class ShardingError(ValueError):
+class ShardingError(SafetyLayersError, ValueError):
     """A combination sharded training cannot honour (element masks, LoRA, a bridged model, ...)."""
 
 

@@ -32,10 +32,11 @@ and ``checkpoints/checkpoint-N`` (safetensors weights under the plain HF names, 
 scheduler and RNG state; ``resume_from_checkpoint`` continues a run).  Checkpoints are plain HF
 model folders: ``load_model("<run>/checkpoints/checkpoint-N")`` loads one.
 
-FSDP/DeepSpeed: tensor hooks registered on the original parameters do not survive FSDP's
-flattening, and the custom save/load below is bypassed under both; for sharded training pass
-``skip_frozen_grads=True`` (``requires_grad=False`` is what FSDP with ``use_orig_params`` and
-DeepSpeed honour) and use their own checkpointing.  Nothing here is tested on GPUs.
+Sharded training: tensor hooks registered on the original parameters do not survive sharding
+(FSDP2's ``fully_shard`` swaps every parameter for a new ``DTensor`` one; FSDP1 and DeepSpeed
+flatten them), and the custom save/load below is bypassed under FSDP and DeepSpeed.  Sharded
+fine-tuning is ``finetune.sharded`` (FSDP2, frozen parameters ``requires_grad=False``, a gathered
+plain checkpoint), tested on CPU processes; this module runs one process or DDP (tested on CPU).
 """
 
 from __future__ import annotations
@@ -277,6 +278,17 @@ def check_trainable(model) -> None:
         )
 
 
+def check_unsharded() -> None:
+    """Refuse an accelerate launch that asks for FSDP or DeepSpeed: they replace or flatten the
+    parameters, so the tensor hooks would never fire and the optimizer's frozen-parameter filter
+    would match nothing (frozen layers would train); ``finetune.sharded`` is the sharded path."""
+    for variable, name in (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")):
+        if os.environ.get(variable, "false").lower() == "true":
+            raise ValueError(f"finetune.train cannot keep layers frozen under {name}: use finetune.sharded "
+                             "(python -m analyses.sppft --train-only under torchrun or accelerate launch "
+                             "--config_file finetune/accelerate_sharded.yaml)")
+
+
 def prepare_dataset(model, dataset, config: TrainConfig):
     """A tokenized dataset: ``dataset`` itself, or a list of ``finetune.data`` examples tokenized
     with ``config.max_length`` and ``config.train_on_inputs``; an empty one is refused."""
@@ -445,6 +457,7 @@ def train(
 
     config = config or TrainConfig()
     check_trainable(model)
+    check_unsharded()
     out_dir = Path(out_dir)
     frozen_range = mask_range(model, mode, layers, ablation_layers)
     dataset = prepare_dataset(model, dataset, config)

@@ -9,9 +9,8 @@ weights must stay bit-identical to the start, and every trained weight must be b
 across the ranks (DDP all-reduces the gradients; the ranks see different batches, so without
 DDP they would drift apart) and different from the start.
 
-Only DDP on the CPU is run here.  Not run: DeepSpeed (not installed here), FSDP (not attempted:
-it flattens and shards the parameters, so the per-parameter freezing needs its own check on
-GPUs), and any real multi-GPU run.
+Only DDP on the CPU is run here; sharded training (FSDP2, ``finetune.sharded``) is tested in
+tests/test_fsdp.py.  Not run: DeepSpeed (not installed here) and any real multi-GPU run.
 """
 
 from __future__ import annotations

@@ -233,3 +233,15 @@ def test_completion_loss_matches_the_model_loss(fresh):
             loss = fresh.hf_model(input_ids=torch.tensor([r["input_ids"]]), labels=torch.tensor([r["labels"]])).loss
             total, count = total + float(loss) * n, count + n
     assert completion_loss(fresh, [pair, other], batch_size=2) == pytest.approx(total / count, rel=1e-5)
+
+
+@pytest.mark.parametrize("variable", ["ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"])
+def test_an_fsdp_or_deepspeed_launch_is_refused(fresh, tmp_path, monkeypatch, variable):
+    """Under accelerate's FSDP or DeepSpeed the hooks and the optimizer filter would not hold the
+    frozen layers; train() refuses before touching the model and names the sharded path."""
+    monkeypatch.setenv(variable, "true")
+    before = _snapshot(fresh)
+    with pytest.raises(ValueError, match="finetune.sharded"):
+        train(fresh, _examples(fresh), "sppft", layers="1,2", out_dir=tmp_path, config=_config())
+    assert all(torch.equal(p, before[n]) for n, p in M.named_parameters(fresh).items())
+    assert not (tmp_path / "config.json").exists()
