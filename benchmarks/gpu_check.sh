@@ -7,6 +7,7 @@
 #
 #   bash benchmarks/gpu_check.sh                 # writes under results/gpu_check
 #   OUT=/tmp/gpu_check PY=python bash benchmarks/gpu_check.sh
+#   ONLY=sharded_sppft,sharded_check bash benchmarks/gpu_check.sh   # only the named steps
 #
 # Exit status: 0 when every step passed, 1 when one failed (the others still run), 2 without CUDA.
 # Notes:
@@ -42,6 +43,7 @@ total_start=$(date +%s.%N)
 
 step() {  # step NAME COMMAND...: run with a timeout, print the output's tail, the status and the time
     local name=$1; shift
+    if [ -n "${ONLY:-}" ] && [[ ",$ONLY," != *",$name,"* ]]; then return 0; fi
     local log="$OUT/$name.log"
     local start end status
     echo

@@ -168,7 +168,8 @@ def shard(model, device: torch.device):
 
 def decays(name: str) -> bool:
     """Whether a parameter takes weight decay (the ``Trainer``'s rule: not biases, not norms)."""
-    return not (name.endswith("bias") or "norm" in name.split(".")[-2].lower())
+    owner = name.rpartition(".")[0].rpartition(".")[2]  # the module holding the parameter
+    return not (name.endswith("bias") or "norm" in owner.lower())
 
 
 def make_optimizer(hf_model, config: TrainConfig) -> torch.optim.Optimizer:

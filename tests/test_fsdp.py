@@ -222,3 +222,27 @@ def test_accelerate_launch_of_the_cli_equals_one_process(tiny_dir, tmp_path):
         for state in states:
             assert torch.equal(state[name], start[name]) == frozen, name
         torch.testing.assert_close(states[0][name], states[1][name], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--modes", "sppft,full"], "one run"),
+    (["--modes", "critical"], "element masks cannot be sharded"),
+    (["--device", "cpu"], "leave out --device"),
+    (["--answers", "/no/such.jsonl"], "no answers JSONL"),
+])
+def test_train_only_arguments_are_checked_before_any_model_loads(extra, message):
+    from analyses.cli import UsageError
+    from analyses.sppft import parse_args
+
+    argv = ["--train-only", "--layers", "1,2", "--data", "implicit", "--modes", "sppft", "--seeds", "0"]
+    with pytest.raises(UsageError, match=message):
+        parse_args(argv + extra)
+
+
+def test_answers_need_train_only(tmp_path):
+    from analyses.cli import UsageError
+    from analyses.sppft import parse_args
+
+    (tmp_path / "a.jsonl").write_text("")
+    with pytest.raises(UsageError, match="--answers goes with --train-only"):
+        parse_args(["--layers", "1,2", "--answers", str(tmp_path / "a.jsonl")])
