@@ -22,15 +22,24 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import build_tiny_llama
-from finetune import masks as M
 from finetune import importance as I
+from finetune import masks as M
 from finetune import study as S
 from finetune.evaluate import HARMFUL_SETS
-from finetune.study import PAPER_LR, RunRecord, StudyConfig, audit_table, differences, frozen_setup, run_study, summarise
+from finetune.study import (
+    PAPER_LR,
+    RunRecord,
+    StudyConfig,
+    audit_table,
+    differences,
+    frozen_setup,
+    run_study,
+    summarise,
+)
 from finetune.train import mask_range, optimizer_groups
 from interp.models import load_model
 from interp.ranges import LayerRange
+from tests.conftest import build_tiny_llama
 
 
 @pytest.fixture(scope="module")
@@ -217,7 +226,7 @@ def test_critical_scores_equal_a_hand_computation_on_the_plain_hf_model(tiny_dir
     for row in ref_model.token_rows(prompts):
         seen = {}
 
-        def keep(key):
+        def keep(key, seen=seen):
             def hook(module, args):
                 args[0].retain_grad()
                 seen[key] = args[0]
@@ -547,3 +556,23 @@ def test_a_study_whose_ablation_cannot_fit_fails_before_any_run(tiny_dir, tmp_pa
     assert not (tmp_path / "runs").exists()
     with pytest.raises(LayerRangeError):  # a range past the model's last layer fails there too
         run_study(str(tiny_dir), LayerRange(2, 4), StudyConfig(modes=("sppft",), seeds=(0,), device="cpu"), tmp_path)
+
+
+def test_run_key_keeps_stored_runs_reusable_and_tells_new_settings_apart():
+    """A setting added later (``harmful_sets``) is left out of the key at its default, so a run file
+    written before it existed still matches; any other value is part of the key."""
+    key = S.run_key(StudyConfig())
+    assert "harmful_sets" not in key and key["steps"] == 64
+    scored = S.run_key(StudyConfig(harmful_sets=(S.VALIDATION_SET,)))
+    assert scored["harmful_sets"] == (S.VALIDATION_SET,) and {k: v for k, v in scored.items() if k != "harmful_sets"} == key
+    assert S.study_prompts(S.VALIDATION_SET) == [p.harmful for p in S.load_pairs("validation")]
+    assert len(S.study_prompts(S.VALIDATION_SET)) == 80
+
+
+def test_seed_sources_say_what_the_seed_draws():
+    paper = StudyConfig().with_paper_settings()  # micro-batch 4 x 32 accumulation: 128 rows a step
+    assert S.seed_sources(paper, "implicit", "sppft", 100) == []
+    assert S.seed_sources(paper, "implicit", "sppft", 129) == ["row order and grouping (a step's batch is part of the set)"]
+    assert S.seed_sources(paper, "backdoor", "full", 100) == ["the seeded data set"]
+    assert S.seed_sources(paper, "implicit", "full", 100, dropout=0.1) == ["dropout"]
+    assert S.seed_sources(StudyConfig(), "implicit", "full", 100)  # batch 8 of 100 rows
