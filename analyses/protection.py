@@ -20,7 +20,8 @@ window on D_N (seeds 0-2).  ``--report`` tabulates whatever has finished: ``prim
 full per outcome: McNemar per seed, CMH across seeds, Holm, 95% and 90% crossed-bootstrap
 intervals, TOST at +-5 points), ``profile.csv`` and ``profile.json`` (the located window's rank and
 permutation p-value), ``controls.csv`` (each control against SPPFT, CMH with Holm),
-``reading.json`` (which of PLAN's readings the data support) and ``protection.png``.
+``reading.json`` (which of PLAN's readings the data support), ``protection.png``, and for the runs
+with dose curve and audit ``final.csv``, ``dose.csv`` and ``audit.csv`` (``finetune.study``).
 
 Runs go to ``--out``/runs (a finished run is reused, so the study resumes across sessions),
 ``--workers`` at a time, one torch thread each.
@@ -293,7 +294,7 @@ def main(argv=None) -> dict:
     profile_windows = windows(args, safety, n_layers)
     run = dict(workers=args.workers, progress=not args.no_progress)
     if args.primary:
-        P.run_tasks(args.model, safety, P.primary_tasks(args.out, full), **run)
+        P.run_tasks(args.model, safety, P.primary_tasks(args.out, full), before=True, **run)
     if args.profile:
         P.run_tasks(args.model, safety, P.profile_tasks(args.out, lean, profile_windows), **run)
     if args.controls:
@@ -311,14 +312,15 @@ def main(argv=None) -> dict:
 
 def report(args, safety: LayerRange, full, lean) -> dict:
     from analyses.protection_plot import plot_profile
-    from finetune.study import finished_runs
+    from finetune.study import audit_table, finished_runs, load_before, summarise
 
     full_records, lean_records = (finished_runs(args.model, safety, c, args.out) for c in (full, lean))
+    secondary = finished_runs(args.model, safety, full, args.out / "secondary")
     if not full_records and not lean_records:
         raise UsageError(f"no finished runs under {args.out}/runs with the chosen attack")
     no_neighbour = P.advbench_no_neighbour()
     primary = primary_table(full_records, no_neighbour)
-    normal = primary_table(full_records, no_neighbour, data="normal")
+    normal = primary_table(secondary, no_neighbour, data="normal")
     profile = profile_table(lean_records, safety, no_neighbour)
     test = profile_test(profile, safety)
     controls = controls_table(full_records, lean_records, no_neighbour)
@@ -331,6 +333,13 @@ def report(args, safety: LayerRange, full, lean) -> dict:
     written = [atomic_write_csv(args.out / "primary.csv", pd.concat([primary, normal])),
                atomic_write_csv(args.out / "profile.csv", profile), atomic_write_csv(args.out / "controls.csv", controls),
                atomic_write_json(args.out / "reading.json", {**verdict, "no_neighbour_n": len(no_neighbour)})]
+    if full_records and (args.out / "runs" / "before.json").is_file():
+        before = load_before(args.out)
+        audited = full_records + secondary
+        final, dose = summarise(audited, before)
+        written += [atomic_write_csv(args.out / "final.csv", final.drop(columns="per_seed")),
+                    atomic_write_csv(args.out / "dose.csv", dose),
+                    atomic_write_csv(args.out / "audit.csv", audit_table(audited, before))]
     if not profile.empty:
         fig = plot_profile(profile, bands, safety, landscape=args.landscape,
                            title=f"{args.model}: R_h after the attack ({args.attack['chosen']})")

@@ -344,7 +344,9 @@ def control_tasks(out: Path, config: StudyConfig, seeds=range(3)) -> list[Task]:
 
 
 def secondary_tasks(out: Path, config: StudyConfig, best: LayerRange, seeds=range(3)) -> list[Task]:
-    """The best window with dose curve and audit on D_I, and full, SPPFT and the best window on D_N."""
+    """The best window with dose curve and audit on D_I, and full, SPPFT and the best window on D_N,
+    in ``out/secondary`` (the best window's lean profile runs keep their own files)."""
+    out = Path(out) / "secondary"
     best_mode = window_mode(best)
     return ([Task(out, "implicit", best_mode, s, config) for s in seeds]
             + [Task(out, "normal", mode, s, config) for mode in ("full", "sppft", best_mode) for s in seeds])
@@ -377,15 +379,17 @@ def _run_task(spec: str, safety: LayerRange, task: Task, pairs: dict, settings: 
 
 
 def run_tasks(spec: str, safety: LayerRange, tasks: list[Task], workers: int = 2, progress: bool = True,
-              log=print) -> list[RunRecord]:
+              log=print, before: bool = False) -> list[RunRecord]:
     """Every task's record, in order: read from its file when a run with the same settings finished
     there, else trained (``workers`` at a time in spawned processes with one torch thread each;
-    ``workers=1`` trains here)."""
+    ``workers=1`` trains here).  ``before``: also score the model before fine-tuning as the first
+    task's runs are scored (``finetune.study.write_before``, into the first task's folder)."""
     from concurrent.futures import ProcessPoolExecutor, as_completed
     from multiprocessing import get_context
 
     from tqdm.auto import tqdm
 
+    from finetune.study import write_before
     from interp.models import load_model
 
     if not tasks:
@@ -401,6 +405,8 @@ def run_tasks(spec: str, safety: LayerRange, tasks: list[Task], workers: int = 2
             check_seeds_differ(task.config, {t.data for t in same}, {t.mode for t in same}, [t.seed for t in same],
                                len(pairs["train"]))
             prepared[key] = (pairs, study_settings(spec, base, safety, task.config, pairs))
+    if before:
+        write_before(base, tasks[0].config, *prepared[_key(tasks[0].config)], tasks[0].out)
     del base
     pending = [t for t in tasks if stored_record(t.path, prepared[_key(t.config)][1]) is None]
     if pending:

@@ -268,17 +268,7 @@ def run_study(spec: str, safety, config: StudyConfig, out: Path, log=print) -> l
     pairs = study_pairs(base, config)
     settings = study_settings(spec, base, safety, config, pairs)
     warn_if_seeds_cannot_differ(config, config.data, config.run_modes(), config.seeds, len(pairs["train"]), base)
-    before_path = out / "runs" / "before.json"
-    if not _matches(before_path, settings):
-        start = time.perf_counter()
-        dose = {name: answered(base, q) for name, q in dose_prompts(config.dose_limit, config.harmful_sets).items()}
-        final = {name: answered(base, sample_rows(study_prompts(name), config.final_limit, "spread"))
-                 for name in config.harmful_sets}
-        quality = evaluate(base, harmful_sets=(), quality_pairs=pairs["quality"]).quality if pairs["quality"] else None
-        before = {"dose": dose, "final": final, "quality": quality,
-                  "audit": audit(base, ro_limit=config.audit_ro) if config.audit else None,
-                  "seconds": round(time.perf_counter() - start, 1)}
-        atomic_write_json(before_path, {"settings": settings, "before": before})
+    write_before(base, config, pairs, settings, out)
     del base
     records = []
     for data_name in config.data:
@@ -296,6 +286,23 @@ def run_study(spec: str, safety, config: StudyConfig, out: Path, log=print) -> l
                     + ", ".join(f"{k} {sum(v) / len(v):.0%}" for k, v in record.final.items()))
                 records.append(record)
     return records
+
+
+def write_before(base, config: StudyConfig, pairs: dict, settings: dict, out: Path) -> Path:
+    """The model before fine-tuning scored as every run is (the dose curve's step 0, whole sets,
+    quality, audit), in ``<out>/runs/before.json``; kept when its settings match."""
+    path = Path(out) / "runs" / "before.json"
+    if not _matches(path, settings):
+        start = time.perf_counter()
+        dose = {name: answered(base, q) for name, q in dose_prompts(config.dose_limit, config.harmful_sets).items()}
+        final = {name: answered(base, sample_rows(study_prompts(name), config.final_limit, "spread"))
+                 for name in config.harmful_sets}
+        quality = evaluate(base, harmful_sets=(), quality_pairs=pairs["quality"]).quality if pairs["quality"] else None
+        before = {"dose": dose, "final": final, "quality": quality,
+                  "audit": audit(base, ro_limit=config.audit_ro) if config.audit else None,
+                  "seconds": round(time.perf_counter() - start, 1)}
+        atomic_write_json(path, {"settings": settings, "before": before})
+    return path
 
 
 def study_pairs(base, config: StudyConfig) -> dict:
