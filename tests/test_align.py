@@ -31,6 +31,7 @@ from finetune.align.data import (
     validation_prompts,
 )
 from interp.data import load_borderline, load_pairs, load_prompts, load_xstest, prompts_hash, sample_rows
+from interp.judge import DEFAULT_JUDGE
 from interp.models import ALIGNED_ADAPTER, PACKAGE_WEIGHTS
 
 NO_CHECK = RowChoice(check_pairs=0)
@@ -274,7 +275,7 @@ def test_a_tiny_run_validates_each_epoch_and_step_and_records_its_choice(tiny_di
     assert [row["epoch"] for row in sft["validation"]] == [1, 2]
     assert [row["step"] for row in dpo["validation"]] == list(range(1, len(dpo["validation"]) + 1))  # every step
     best = {name: max(r["score"] for r in stage["validation"]) for name, stage in recipe["stages"].items()}
-    assert recipe["best_validation"] == best
+    assert recipe["best_validation"] == best and recipe["judge"] == DEFAULT_JUDGE.describe()
     assert recipe["method"] == ("sft+dpo" if best["dpo"] > best["sft"] else "sft")
     for row in sft["validation"] + dpo["validation"] + [recipe["validation_base"]]:
         rates = [row[k] for k in ("paired_harmful", "paired_benign", "borderline")]
@@ -295,7 +296,6 @@ def test_a_tiny_run_scores_its_adapter_on_the_check_rows_once(tiny_dir, tiny_run
     """``--check-pairs``: the adapter written to ``--out`` is scored on the check rows, as judging
     its plain (not early-stopped) greedy answers by hand finds."""
     from interp.generation import generate
-    from interp.judge import DEFAULT_JUDGE
 
     _, out = tiny_run
     check = json.loads((out / "recipe.json").read_text())["check"]
