@@ -37,19 +37,13 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from analyses.cli import UsageError, add_model_options, main_guard, model_from, parser_for, positive_int
+from analyses.cli import UsageError, add_model_options, main_guard, model_from, model_slug, parser_for, positive_int
+from analyses.localisation import GapOnset, agreement_statement, generation_statement, localisations, table
+from analyses.plots import plot_causal
 from interp.data import load_pairs, prompts_hash
 from interp.direction import direction_analysis
 from interp.export import LocatedRange, load_located
 from interp.io import atomic_savefig, atomic_write_csv, atomic_write_json, atomic_write_text
-from interp.localisation import (
-    GapOnset,
-    agreement_statement,
-    generation_statement,
-    localisations,
-    plot_causal,
-    table,
-)
 from interp.patching import (
     DEFAULT_SITES,
     DIRECTIONS,
@@ -280,8 +274,6 @@ def write_outputs(out: Path, models: list[dict], args) -> list[Path]:
     }
     written = [atomic_write_csv(out / "causal.csv", frame), atomic_write_json(out / "causal.json", record),
                atomic_write_text(out / "statement.txt", statement + "\n")]
-    from analyses.existence import model_slug
-
     for m in models:
         slug = model_slug(m["spec"])
         written.append(atomic_write_csv(out / f"patching_{slug}.csv", m["patching"].to_frame()))

@@ -17,7 +17,9 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import re
 import sys
+from pathlib import Path
 
 from interp.data import SAMPLES
 from interp.errors import SafetyLayersError
@@ -59,6 +61,12 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value
+
+
+def model_slug(spec: str) -> str:
+    """A file-name-safe short name for a model spec (a path's last part)."""
+    name = Path(str(spec).rstrip("/")).name or str(spec)
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
 
 
 def model_from(args, spec: str | None = None, **kwargs):

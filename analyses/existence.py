@@ -20,25 +20,18 @@ suggested range; with ``--pairs`` a ``paired`` section and the comparison's band
 
 from __future__ import annotations
 
-import re
 from dataclasses import asdict
 from pathlib import Path
 
 import pandas as pd
 
-from analyses.cli import UsageError, add_model_options, main_guard, model_from, parser_for, positive_int
+from analyses.cli import UsageError, add_model_options, main_guard, model_from, model_slug, parser_for, positive_int
+from analyses.plots import plot_gap, plot_gap_comparison, plot_probe, plot_similarity
 from interp.cosine import PairSetError
 from interp.data import load_pairs, load_prompts, prompts_hash
 from interp.existence import GAP_DEFINITIONS, existence_analysis, gap_difference
 from interp.io import atomic_savefig, atomic_write_csv, atomic_write_json
 from interp.onset import OnsetRule
-from interp.plots import plot_gap, plot_gap_comparison, plot_probe, plot_similarity
-
-
-def model_slug(spec: str) -> str:
-    """A file-name-safe short name for a model spec (a path's last part)."""
-    name = Path(str(spec).rstrip("/")).name or str(spec)
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
 
 
 def default_prompts(n: int, normal_file: str | None = None, malicious_file: str | None = None):

@@ -44,13 +44,13 @@ from analyses.cli import (
     parser_for,
     positive_int,
 )
+from analyses.plots import plot_sweeps
 from interp.data import prompts_hash
 from interp.export import export_located
 from interp.io import atomic_savefig, atomic_write_csv
 from interp.overrejection import DATASET, DEFAULT_MAX_NEW_TOKENS, over_rejection_prompts
-from interp.plots import plot_sweeps
 from interp.ranges import LayerRange, LayerRangeError
-from interp.ro_search import METHODS, LocateRun, best_run, locate_layers
+from interp.ro_search import METHODS, LocationRun, best_run, locate_safety_layers
 from interp.scaling import ALL_COMPONENTS, PAPER_CODE_COMPONENTS, check_components
 
 DEFAULT_EXISTENCE = "results/existence/existence.json"
@@ -190,7 +190,7 @@ def parse_args(argv=None):
     return args
 
 
-def write_outputs(out: Path, run: LocateRun, model, queries, args) -> list[Path]:
+def write_outputs(out: Path, run: LocationRun, model, queries, args) -> list[Path]:
     result, choice = run.result, run.alpha_choice
     written = [export_located(
         out / "located.json", result, model, dataset=DATASET, dataset_hash=prompts_hash(queries),
@@ -209,7 +209,7 @@ def write_outputs(out: Path, run: LocateRun, model, queries, args) -> list[Path]
 
 
 @main_guard
-def main(argv=None) -> LocateRun:
+def main(argv=None) -> LocationRun:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -225,7 +225,7 @@ def main(argv=None) -> LocateRun:
     for initial in args.initials:
         if len(args.initials) > 1:
             print(f"start {initial} ({len(runs) + 1} of {len(args.initials)})")
-        runs.append(locate_layers(
+        runs.append(locate_safety_layers(
             model, queries, initial, alpha=args.alpha, window=args.window, upper_offsets=args.upper,
             lower_offsets=args.lower, method=args.method, keep=args.keep, components=args.components,
             max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, cache_dir=args.out / "cache",

@@ -22,7 +22,8 @@ every configuration, this project's exact ``generation`` search, and its default
 (first-step bound), with the ranges each finds.  A profile of one evaluation says where the time
 goes (prefix and prefill, decode steps, the LM head, hooks, the judge and other Python).
 ``--fingerprint`` also times the weights' fingerprint on a random ~1.1B-parameter bfloat16 state
-dict: on the device against the old host-float64 copies, with equal values.
+dict: on the device against a baseline that copies every tensor to the host as float64, with
+equal values.
 Times are wall-clock and CPU seconds of this process; printed as ratios, never asserted.
 """
 
@@ -38,7 +39,7 @@ from dataclasses import dataclass
 import torch
 
 from interp.judge import DEFAULT_JUDGE
-from interp.locate import locate, lowest_layer
+from interp.locate import lowest_layer
 from interp.overrejection import RoEvaluator, over_rejection_prompts
 from interp.ranges import LayerRange
 from interp.ro_search import SearchRo
@@ -132,8 +133,8 @@ def profile_evaluation(evaluator, layer_range, alpha) -> dict[str, float]:
 
 
 def host_fingerprint(state: dict) -> str:
-    """The fingerprint as the project computed it before it moved to the device: every tensor copied
-    to the host as float64 and summed there (the baseline here, the reference in tests)."""
+    """The fingerprint's baseline: every tensor copied to the host as float64 and summed there
+    (``interp.provenance.weights_fingerprint`` computes the same value on the device)."""
     import hashlib
 
     digest = hashlib.sha256()
@@ -167,9 +168,9 @@ def fingerprint_benchmark() -> None:
     n = sum(t.numel() for t in state.values())
     new, t_new = timed(weights_fingerprint, state)
     old, t_old = timed(host_fingerprint, state)
-    print(f"\nfingerprint of a random {n / 1e9:.2f}B-parameter bfloat16 state dict (CPU; on a GPU the old way also "
+    print(f"\nfingerprint of a random {n / 1e9:.2f}B-parameter bfloat16 state dict (CPU; on a GPU the baseline also "
           f"copies every tensor to the host):")
-    print(f"  old (host float64 copies): {t_old}\n  now (on the device):        {t_new}  {t_old.ratio(t_new)}; "
+    print(f"  baseline (host float64 copies): {t_old}\n  on the device:                  {t_new}  {t_old.ratio(t_new)}; "
           f"same value: {old == new}")
 
 
@@ -242,13 +243,13 @@ def main(argv=None):
             copy_r = scaled_copy(plain, r, a)
             return float(sum(generate_flags(copy_r, model, queries, args.batch_size)))
 
-        base_result, t_base_sweep = timed(locate, baseline_ro, layer_range, args.alpha, model.n_layers,
+        base_result, t_base_sweep = timed(search_bounds, baseline_ro, layer_range, args.alpha, model.n_layers,
                                           upper_offsets=upper, lower_offsets=lower)
         exact = SearchRo(evaluator)
-        exact_result, t_exact = timed(locate, exact.generated, layer_range, args.alpha, model.n_layers,
+        exact_result, t_exact = timed(search_bounds, exact.generated, layer_range, args.alpha, model.n_layers,
                                       upper_offsets=upper, lower_offsets=lower)
         pruned = SearchRo(evaluator)
-        pruned_result, t_pruned = timed(locate, pruned.generated, layer_range, args.alpha, model.n_layers,
+        pruned_result, t_pruned = timed(search_bounds, pruned.generated, layer_range, args.alpha, model.n_layers,
                                         upper_offsets=upper, lower_offsets=lower, bound=pruned.bound)
         n_configs = len({r.range for r in base_result.rows})
         print(f"\nwhole search ({n_configs} configurations):")

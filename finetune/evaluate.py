@@ -7,14 +7,15 @@ per-request verdicts kept so that rates can be pooled over seeds with intervals.
   and XSTest's unsafe prompts (200).  The paper's S_h (a GPT-4 judge) is not reproduced:
   nothing here may call out.
 - **R_o**, over-rejection: how many of the over-rejection set's benign "How to kill time?"
-  queries are refused (``interp.overrejection``: greedy, 16 tokens as in the paper's code).
+  queries are refused (``interp.over_rejection``: greedy, 16 tokens as in the paper's code).
 - **Task quality** on held-out normal data with reference answers: the mean per-token loss of
   the reference answers (teacher-forced, answer tokens only) and ROUGE-L F1 of the model's greedy
   answer against the reference (a small LCS function: lower-cased alphanumeric words, no stemmer,
   F1 with β = 1, the tokenisation of Google's ``rouge_score``; no ROUGE package is installed).
 
+R_h and R_o verdicts both come from ``interp.answers.generate_and_judge`` (early stop on).
+
 ``evaluate(model, ...)`` returns an ``EvalResult`` (``to_dict``/``to_frame``).
-Command line: ``python -m finetune.evaluate --model SPEC [--limit N] [--references SPEC]``.
 """
 
 from __future__ import annotations
@@ -25,9 +26,10 @@ from dataclasses import dataclass, field
 import pandas as pd
 import torch
 
+from interp.answers import generate_and_judge
 from interp.data import load_pairs, load_prompts, load_xstest, sample_rows
-from interp.generation import generate
-from interp.judge import DEFAULT_JUDGE
+from interp.models import LoadedModel
+from interp.overrejection import over_rejection
 from interp.stats import Rate
 
 HARMFUL_SETS = ("advbench_test", "paired_harmful_test", "xstest_unsafe")
@@ -77,22 +79,6 @@ def rouge_l(candidate: str, reference: str) -> float:
 
 
 # ---------------------------------------------------------------- safety
-
-
-def answered_flags(model, queries: list[str], max_new_tokens: int = 32, batch_size: int = 64, judge=DEFAULT_JUDGE,
-                   progress: bool = False, desc: str = "R_h") -> tuple[list[bool], list[str]]:
-    """Per query: answered (not refused), and the (early-stopped) response."""
-    texts = generate(model, queries, max_new_tokens=max_new_tokens, batch_size=batch_size, decided=judge.decided,
-                     progress=progress, desc=desc)
-    return [not judge.is_refusal(t) for t in texts], texts
-
-
-def over_rejection(model, queries: list[str], max_new_tokens: int = 16, batch_size: int = 64) -> Rate:
-    """R_o on ``queries`` (``interp.overrejection.count_over_rejection``) as a ``Rate``."""
-    from interp.overrejection import refusal_flags
-
-    flags = refusal_flags(model, queries, max_new_tokens=max_new_tokens, batch_size=batch_size)
-    return Rate(int(sum(flags)), len(queries))
 
 
 # ---------------------------------------------------------------- task quality
@@ -179,17 +165,19 @@ class EvalResult:
         return pd.DataFrame(rows)
 
 
-def evaluate(model, *, harmful_sets=HARMFUL_SETS, quality_pairs=None, over_rejection_queries=None,
+def evaluate(model: LoadedModel, *, harmful_sets=HARMFUL_SETS, quality_pairs=None, over_rejection_queries=None,
              limit: int | None = None, progress: bool = False) -> EvalResult:
     """R_h on ``harmful_sets`` (``limit`` requests each, spread), R_o on
     ``over_rejection_queries`` (if given) and task quality on ``quality_pairs`` (if given)."""
     result = EvalResult()
     for name in harmful_sets:
         result.prompts[name] = sample_rows(harmful_prompts(name), limit, "spread")
-        result.harmful[name], result.responses[name] = answered_flags(model, result.prompts[name], progress=progress,
-                                                                      desc=name)
+        answers = generate_and_judge(model, result.prompts[name], progress=progress, desc=name)
+        result.harmful[name] = [not a.refused for a in answers]
+        result.responses[name] = [a.text for a in answers]
     if over_rejection_queries is not None:
-        result.over_rejection = over_rejection(model, over_rejection_queries)
+        queries = list(over_rejection_queries)
+        result.over_rejection = Rate(over_rejection(model, queries), len(queries))
     if quality_pairs is not None:
         result.quality = task_quality(model, quality_pairs, progress=progress)
     return result

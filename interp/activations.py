@@ -48,6 +48,7 @@ from interp.errors import SafetyLayersError
 from interp.forward import PromptBatches, capture_hooks, last_token_index, prefix_cache
 from interp.hooks import hook_name
 from interp.io import atomic_path
+from interp.models import LoadedModel
 from interp.ranges import check_layers
 
 SITE = "resid_post"
@@ -62,7 +63,7 @@ class ActivationFileError(SafetyLayersError, ValueError):
 
 
 def capture_last_token_resid(
-    model,
+    model: LoadedModel,
     queries: list[str],
     *,
     batch_size: int = 16,
@@ -105,7 +106,7 @@ def capture_last_token_resid(
 
 
 @torch.no_grad()
-def apply_final_norm(model, acts: Float[Tensor, "prompt layer d_model"]) -> Float[Tensor, "prompt layer d_model"]:
+def apply_final_norm(model: LoadedModel, acts: Float[Tensor, "prompt layer d_model"]) -> Float[Tensor, "prompt layer d_model"]:
     """Return a copy of ``acts`` whose last layer has the model's final norm applied, i.e. the
     vectors Hugging Face's ``hidden_states`` (and the paper) use.  ``acts`` must hold all layers."""
     if acts.shape[1] != model.n_layers:
@@ -120,7 +121,7 @@ def apply_final_norm(model, acts: Float[Tensor, "prompt layer d_model"]) -> Floa
 # --- save / load ------------------------------------------------------------------------------
 
 
-def activation_metadata(model, queries: list[str], template: str | None = None, layers=None) -> dict[str, str]:
+def activation_metadata(model: LoadedModel, queries: list[str], template: str | None = None, layers=None) -> dict[str, str]:
     """What a saved activation file must match: model, template, prompt list, layers."""
     layers = check_layers(layers, model.n_layers)
     return {
@@ -193,7 +194,7 @@ def load_activations(path: str | Path, expected: dict[str, str] | None = None) -
 
 
 def cached_capture(
-    model,
+    model: LoadedModel,
     queries: list[str],
     path: str | Path | None = None,
     *,

@@ -13,7 +13,8 @@ layers to semantics.
 
     last_token_attention(model, query)   -> LastTokenAttention(pattern [layer head key_pos], tokens, query_span)
     attention_heatmap_data(attention)    -> ([layer key_pos] scores in [0, 1], tokens)
-    plot_attention_heatmap(normal_scores, malicious_scores, normal_tokens, malicious_tokens) -> Figure
+
+The figure of two such heatmaps is ``analyses.plots.plot_attention_heatmap``.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from interp.hooks import hook_name
-from interp.models import PromptTooLongError
+from interp.models import LoadedModel, PromptTooLongError
 from interp.templates import adds_bos, format_prompt
 
 
@@ -43,12 +44,12 @@ class EncodedPrompt(NamedTuple):
     query_span: slice
 
 
-def prompt_text(model, query: str, template: str | None = None) -> str:
+def prompt_text(model: LoadedModel, query: str, template: str | None = None) -> str:
     """The prompt the model sees for ``query``: ``chat``, ``alpaca`` or the paper's ``alpaca_short``."""
     return format_prompt(model.tokenizer, query, template or model.template)
 
 
-def encode_prompt(model, query: str, template: str | None = None) -> EncodedPrompt:
+def encode_prompt(model: LoadedModel, query: str, template: str | None = None) -> EncodedPrompt:
     """Tokenise one query like ``LoadedModel.encode`` (special tokens only for the Alpaca
     templates), and find which tokens hold the query itself (by character offsets)."""
     if not query or not query.strip():
@@ -73,19 +74,19 @@ def encode_prompt(model, query: str, template: str | None = None) -> EncodedProm
     return EncodedPrompt(torch.tensor([ids], device=model.device), tokens, query_span)
 
 
-def prompt_tokens(model, query: str, template: str | None = None) -> list[str]:
+def prompt_tokens(model: LoadedModel, query: str, template: str | None = None) -> list[str]:
     """The prompt's tokens as text, one string per position."""
     return encode_prompt(model, query, template).tokens
 
 
-def attention_patterns(model, input_ids: Tensor, layers: list[int]) -> Float[Tensor, "layer head query_pos key_pos"]:
+def attention_patterns(model: LoadedModel, input_ids: Tensor, layers: list[int]) -> Float[Tensor, "layer head query_pos key_pos"]:
     """Full attention patterns of one prompt (batch of one) at the given layers, on the CPU."""
     names = [hook_name("pattern", i) for i in layers]  # [batch, head, query_pos, key_pos]
     _, cache = model.bridge.run_with_cache(input_ids, names_filter=lambda name: name in names)
     return torch.stack([cache[name][0] for name in names]).float().cpu()
 
 
-def last_token_attention(model, query: str, template: str | None = None) -> LastTokenAttention:
+def last_token_attention(model: LoadedModel, query: str, template: str | None = None) -> LastTokenAttention:
     """Attention weights from the last prompt position to every position, for every layer and
     head (``blocks.{i}.attn.hook_pattern``, whose layout is [batch, head, query_pos, key_pos])."""
     prompt = encode_prompt(model, query, template)
@@ -121,36 +122,7 @@ def attention_heatmap_data(
     return minmax_per_layer(averaged), tokens
 
 
-def _label(token: str) -> str:
+def token_label(token: str) -> str:
     """A token as a readable tick label: newlines and tabs escaped, a blank token made visible."""
     text = token.replace("\n", "\\n").replace("\t", "\\t")
     return text if text.strip() else text.replace(" ", "␣") or "∅"
-
-
-def plot_attention_heatmap(
-    normal: Float[Tensor, "layer key_pos"],
-    malicious: Float[Tensor, "layer key_pos"],
-    normal_tokens: list[str],
-    malicious_tokens: list[str],
-    titles: tuple[str, str] = ("normal query", "malicious query"),
-    cmap: str = "Reds",
-):
-    """Two heatmaps side by side: layers down (0 at the top), tokens across."""
-    from matplotlib.figure import Figure
-
-    for scores, tokens, name in ((normal, normal_tokens, "normal"), (malicious, malicious_tokens, "malicious")):
-        if scores.ndim != 2 or scores.shape[1] != len(tokens):
-            raise ValueError(f"{name}: scores of shape {tuple(scores.shape)} do not match {len(tokens)} tokens")
-    widths = [max(3, len(normal_tokens)), max(3, len(malicious_tokens))]
-    n_layers = normal.shape[0]
-    fig = Figure(figsize=(2 + 0.35 * sum(widths), 1.5 + 0.18 * n_layers), layout="constrained")
-    axes = fig.subplots(1, 2, sharey=True, width_ratios=widths)
-    for ax, scores, tokens, title in zip(axes, (normal, malicious), (normal_tokens, malicious_tokens), titles):
-        values = scores.float().cpu().numpy()
-        image = ax.imshow(values, cmap=cmap, vmin=0, vmax=1, aspect="auto", interpolation="nearest")
-        ax.set_xticks(range(len(tokens)), [_label(t) for t in tokens], rotation=90, fontsize=8)
-        ax.set_title(title)
-    axes[0].set_ylabel("layer")
-    fig.colorbar(image, ax=axes, shrink=0.8, label="attention from last position (min–max per layer)")
-    return fig
-

@@ -150,7 +150,7 @@ def separation_from_acts(directions: RefusalDirections, harmful: Float[Tensor, "
     return pd.DataFrame(rows)
 
 
-def separation(model, directions: RefusalDirections, pairs, *, batch_size: int = 16,
+def separation(model: LoadedModel, directions: RefusalDirections, pairs, *, batch_size: int = 16,
                template: str | None = None) -> pd.DataFrame:
     """``separation_from_acts`` on held-out ``pairs`` (validation or test)."""
     pairs = _check_part(pairs, ("validation", "test"), "separation")
@@ -191,12 +191,12 @@ def addition_hooks(direction: Float[Tensor, "d_model"], layer: int, coeff: float
     return [(hook_name(site, layer), _add(coeff * unit))]
 
 
-def direction_ablation(model, directions: RefusalDirections, layer: int) -> list:
+def direction_ablation(model: LoadedModel, directions: RefusalDirections, layer: int) -> list:
     """``ablation_hooks`` of layer ``layer``'s direction over the whole model."""
     return ablation_hooks(directions.unit(layer), model.n_layers)
 
 
-def direction_addition(model, directions: RefusalDirections, layer: int) -> list:
+def direction_addition(model: LoadedModel, directions: RefusalDirections, layer: int) -> list:
     """``addition_hooks`` of layer ``layer``'s direction, scaled by ``directions.scale(layer)``."""
     check_layer(layer, model.n_layers)
     return addition_hooks(directions.unit(layer), layer, directions.scale(layer))
@@ -226,7 +226,7 @@ def _log_softmax(logits: Tensor) -> Tensor:
     return logits.float().log_softmax(-1)
 
 
-def select_layer(model, directions: RefusalDirections, pairs, *, candidates=None, max_layer_frac: float = 0.8,
+def select_layer(model: LoadedModel, directions: RefusalDirections, pairs, *, candidates=None, max_layer_frac: float = 0.8,
                  max_kl: float = 0.1, batch_size: int = 32, template: str | None = None) -> LayerSelection:
     """Choose the direction's layer on validation ``pairs`` (module docstring).  ``candidates``:
     the layers to try (default every layer below ``max_layer_frac`` of the depth)."""
@@ -294,11 +294,11 @@ class InterventionRates:
                 "rates": self.to_frame().to_dict(orient="records")}
 
 
-def intervention_rates(model, directions: RefusalDirections, layer: int, pairs, *, max_new_tokens: int = 24,
+def intervention_rates(model: LoadedModel, directions: RefusalDirections, layer: int, pairs, *, max_new_tokens: int = 24,
                        batch_size: int = 32, judge=None, template: str | None = None) -> InterventionRates:
     """Generate answers to the harmful and benign sides of ``pairs`` clean, with layer
     ``layer``'s direction ablated everywhere, and with it added at that layer; judge each."""
-    from interp.generation import generate
+    from interp.answers import generate_and_judge
     from interp.judge import DEFAULT_JUDGE
 
     judge = judge or DEFAULT_JUDGE
@@ -310,10 +310,10 @@ def intervention_rates(model, directions: RefusalDirections, layer: int, pairs, 
     for condition, hooks in conditions.items():
         refused[condition], answers[condition] = {}, {}
         for side, queries in sides.items():
-            texts = generate(model, queries, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                             decided=judge.decided, fwd_hooks=hooks, template=template)
-            answers[condition][side] = texts
-            refused[condition][side] = [judge.is_refusal(t) for t in texts]
+            judged = generate_and_judge(model, queries, judge=judge, max_new_tokens=max_new_tokens,
+                                        batch_size=batch_size, fwd_hooks=hooks, template=template)
+            answers[condition][side] = [a.text for a in judged]
+            refused[condition][side] = [a.refused for a in judged]
     return InterventionRates(str(getattr(model, "spec", "model")), layer, refused, answers,
                              [p.pair_id for p in pairs], max_new_tokens)
 
@@ -339,7 +339,7 @@ class DirectionResult:
                 "selection": self.selection.to_dict(), "rates": self.rates.to_dict() if self.rates else None}
 
 
-def direction_analysis(model, train, validation, test, *, candidates=None, generation_pairs: int | None = None,
+def direction_analysis(model: LoadedModel, train, validation, test, *, candidates=None, generation_pairs: int | None = None,
                        max_new_tokens: int = 24, batch_size: int = 16, template: str | None = None) -> DirectionResult:
     """Fit on ``train``, choose the layer on ``validation``, measure separation on ``test`` and
     refusal by generation on the first ``generation_pairs`` test pairs (0: skip generation)."""

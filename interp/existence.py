@@ -38,6 +38,7 @@ from interp.cosine import (
     weighted_gaps,
 )
 from interp.data import prompts_hash
+from interp.models import LoadedModel
 from interp.onset import OnsetResult, OnsetRule, suggest_initial_range
 from interp.probe import probe_layers
 
@@ -82,7 +83,7 @@ class ExistenceResult:
 
 
 def existence_analysis(
-    model,
+    model: LoadedModel,
     normal: list[str],
     malicious: list[str],
     *,

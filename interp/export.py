@@ -1,6 +1,6 @@
 """Write the located safety-layer range to JSON, and read it back with every check.
 
-``export_located(path, result, model, ...)`` turns an ``interp.locate.LocateResult`` into a
+``export_located(path, result, model, ...)`` turns an ``interp.locate.BoundSearch`` into a
 record that follows ``SCHEMA`` (JSON Schema, shipped as package data in
 ``interp/schemas/located_range.schema.json``; ``docs/located_range.md`` describes each field) and
 writes it atomically.  ``load_located(path,
@@ -96,7 +96,7 @@ def located_record(
     extra_metric: dict | None = None,
     notes: str | None = None,
 ) -> dict:
-    """The JSON record (see ``SCHEMA``) of a ``LocateResult`` found on ``model``."""
+    """The JSON record (see ``SCHEMA``) of a ``BoundSearch`` found on ``model``."""
     rows = [r.to_dict() for r in result.upper + result.lower]
     record = {
         "schema": SCHEMA_ID,

@@ -9,7 +9,7 @@ Li et al. §3.4.3 (PAPER.md §2), all ranges 0-indexed and inclusive:
 3. Then scale ``[i-k, j_u]`` for each ``k`` and take the lower bound with the largest R_o.
 4. With α < 1 take the smallest R_o instead, both times.
 
-``locate`` runs these sweeps with any R_o function ``ro(range, alpha) -> number`` (``range`` is
+``search_bounds`` runs these sweeps with any R_o function ``ro(range, alpha) -> number`` (``range`` is
 a ``LayerRange``, or ``None`` for the unscaled baseline), so tests can plant a synthetic one and
 the search can run on the first-step estimate.  Ties go to the offset nearest 0 (the range
 closest to the initial one), then to the smaller offset.  Each configuration is evaluated
@@ -71,7 +71,7 @@ class SweepRow:
 
 
 @dataclass
-class LocateResult:
+class BoundSearch:
     """The two sweeps and their outcome (``range``: the located safety layers)."""
 
     initial: LayerRange
@@ -257,7 +257,7 @@ def _rank(rows: list[SweepRow], alpha: float) -> list[int]:
     return [n for *_, n in sorted((sign * r.estimate, abs(r.offset), r.offset, n) for n, r in enumerate(rows))]
 
 
-def locate(
+def search_bounds(
     ro: RoFunction,
     initial: LayerRange,
     alpha: float,
@@ -270,7 +270,7 @@ def locate(
     keep: int = 2,
     bound: RoFunction | None = None,
     extend: bool = False,
-) -> LocateResult:
+) -> BoundSearch:
     """The paper's two-sweep bound search (module docstring).
 
     ``initial``: the starting range (inclusive); ``alpha``: the scale (≠ 1); ``window``: offsets
@@ -309,7 +309,7 @@ def locate(
     end_u = next(r for r in upper if r.winner).range.end
     lower = search("lower", lambda offs: lower_candidates(initial.start, end_u, offs), lower_offsets)
     located = next(r for r in lower if r.winner).range
-    return LocateResult(initial, alpha, baseline, upper, lower, located, n_layers, baseline_estimate)
+    return BoundSearch(initial, alpha, baseline, upper, lower, located, n_layers, baseline_estimate)
 
 
 # --- choosing alpha ---------------------------------------------------------------------------
@@ -323,10 +323,10 @@ class AlphaChoice:
     alpha: float
     reached: bool
     target_std: float
-    trials: list[tuple[float, float, LocateResult]] = field(default_factory=list)  # (alpha, std, result)
+    trials: list[tuple[float, float, BoundSearch]] = field(default_factory=list)  # (alpha, std, result)
 
     @property
-    def result(self) -> LocateResult:
+    def result(self) -> BoundSearch:
         return self.trials[-1][2]
 
     def to_dict(self) -> dict:
@@ -361,7 +361,7 @@ def choose_alpha(
         alpha = round(1.0 + n * step if increase else 1.0 - n * step, 10)
         if alpha <= 0:
             break
-        result = locate(ro, initial, alpha, n_layers, **locate_kwargs)
+        result = search_bounds(ro, initial, alpha, n_layers, **locate_kwargs)
         std = result.lower_std(ddof)
         choice.trials.append((alpha, std, result))
         choice.alpha = alpha

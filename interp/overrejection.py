@@ -3,9 +3,11 @@
 **R_o** (Li et al. §3.4.2): how many queries of the over-rejection set D_o (benign "How to
 ⟨violent verb⟩ ⟨object⟩?" questions) the model refuses.  As in the paper's code the answers are
 greedy and short (``max_new_tokens=16``); refusal is judged by ``interp.judge`` on the decoded
-answer (the paper leaves its rule unstated).  ``count_over_rejection`` measures the model as it
-is, so run it inside ``interp.scaling.scaled(...)`` for a scaled model, or call
-``over_rejection_at``, which does both.
+answer (the paper leaves its rule unstated).
+
+**One configuration**: ``over_rejection(model, queries, layers, alpha)`` scales ``layers`` by
+``alpha`` (``layers=None``: the model as it is, with any hooks already attached) and counts the
+refusals of ``interp.answers.generate_and_judge``.
 
 **Many configurations of one prompt set** (the bound search) go through ``RoEvaluator``, which
 computes once what the configurations share and skips work whose outcome is already fixed, with
@@ -46,6 +48,7 @@ from jaxtyping import Bool
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from interp.answers import generate_and_judge
 from interp.data import load_prompts, sample_rows
 from interp.estimate import FirstStep, pearson, refusal_opening_token_ids
 from interp.forward import (
@@ -57,9 +60,10 @@ from interp.forward import (
     prefix_cache,
     resume_from_layer,
 )
-from interp.generation import decode_greedy, generate_completions
+from interp.generation import decode_greedy
 from interp.hooks import hook_name
 from interp.judge import DEFAULT_JUDGE
+from interp.models import LoadedModel
 from interp.ranges import check_layer, check_layers
 from interp.scaling import ALL_COMPONENTS, hook_count, scaled, scaled_twin
 
@@ -75,34 +79,23 @@ def over_rejection_prompts(limit: int | None = None, sample: str = "first", data
     return sample_rows(load_prompts(dataset), limit, sample)
 
 
-def scaling_context(model, layers, alpha: float, components=ALL_COMPONENTS):
+def scaling_context(model: LoadedModel, layers, alpha: float, components=ALL_COMPONENTS):
     """``scaled(...)``, or nothing for ``layers=None`` (the unscaled model)."""
     return nullcontext() if layers is None else scaled(model, layers, alpha, components)
 
 
-# --- one configuration, the plain way ---------------------------------------------------------
+# --- one configuration ---------------------------------------------------------------------------
 
 
-def refusal_flags(model, queries: list[str], *, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, judge=DEFAULT_JUDGE,
-                  **generate_kwargs) -> list[bool]:
-    """Whether the model, as it is now (inside ``scaled`` for a scaled one), refuses each query:
-    greedy answers stopped once their verdict is fixed, judged by ``judge``."""
-    completions = generate_completions(
-        model, queries, max_new_tokens=max_new_tokens, decided=judge.decided, **generate_kwargs
-    )
-    return [judge.is_refusal(c.text) for c in completions]
-
-
-def count_over_rejection(model, queries: list[str], **kwargs) -> int:
-    """R_o: how many ``queries`` the model refuses (``refusal_flags``'s arguments)."""
-    return int(sum(refusal_flags(model, queries, **kwargs)))
-
-
-def over_rejection_at(model, queries: list[str], layers=None, alpha: float = 1.0, components=ALL_COMPONENTS,
-                      **kwargs) -> int:
-    """R_o with ``layers`` scaled by ``alpha`` (``layers=None``: the unscaled model)."""
+def over_rejection(model: LoadedModel, queries: list[str], layers=None, alpha: float = 1.0,
+                   components=ALL_COMPONENTS, *, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, judge=DEFAULT_JUDGE,
+                   **generate_kwargs) -> int:
+    """R_o: how many ``queries`` the model refuses with ``layers`` scaled by ``alpha``
+    (``layers=None``: unscaled).  Greedy answers stopped once their verdict is fixed, judged by
+    ``judge``; ``generate_kwargs`` pass to ``generate_and_judge`` (``batch_size``, ``template``...)."""
     with scaling_context(model, layers, alpha, components):
-        return count_over_rejection(model, queries, **kwargs)
+        answers = generate_and_judge(model, queries, judge=judge, max_new_tokens=max_new_tokens, **generate_kwargs)
+    return sum(a.refused for a in answers)
 
 
 # --- many configurations ------------------------------------------------------------------------
@@ -124,7 +117,7 @@ class RoResult:
         return int(self.flags.sum())
 
 
-def auto_batch_size(model, n_tokens: int, cap: int = 128) -> int:
+def auto_batch_size(model: LoadedModel, n_tokens: int, cap: int = 128) -> int:
     """A batch size from free memory: about a third of what is free, over a row's logits, KV cache
     and activations at ``n_tokens`` tokens; at most ``cap`` (on a CPU more rows stop paying)."""
     config = model.config
@@ -149,7 +142,7 @@ class RoEvaluator:
     ``start``: the lowest layer any configuration will scale (the layers below it are computed
     once).  Build and evaluate under the same outer hooks (none, normally)."""
 
-    def __init__(self, model, queries: list[str], *, start: int = 0, template: str | None = None,
+    def __init__(self, model: LoadedModel, queries: list[str], *, start: int = 0, template: str | None = None,
                  batch_size: int | None = None, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, judge=DEFAULT_JUDGE,
                  progress: bool = False):
         self.model, self.queries, self.judge = model, list(queries), judge

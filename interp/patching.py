@@ -55,6 +55,7 @@ from tqdm.auto import tqdm
 from interp.estimate import refusal_log_odds, refusal_opening_token_ids
 from interp.forward import Batch, PromptBatches, broadcast_cache, layers_from, position_ids, prefix_cache, run_decoder
 from interp.hooks import hook_name
+from interp.models import LoadedModel
 from interp.ranges import check_layers
 from interp.stats import Rate
 
@@ -89,14 +90,14 @@ def check_sites(sites) -> list[str]:
 # --- the metric --------------------------------------------------------------------------------
 
 
-def refusal_metric(model) -> Metric:
+def refusal_metric(model: LoadedModel) -> Metric:
     """``logits -> refusal log-odds`` with this model's refusal-opening tokens."""
     opener = torch.tensor(refusal_opening_token_ids(model.tokenizer))
     return lambda logits: refusal_log_odds(logits, opener)
 
 
 @torch.no_grad()
-def prompt_last_logits(model, queries: list[str], fwd_hooks=(), *, reduce: Metric | None = None,
+def prompt_last_logits(model: LoadedModel, queries: list[str], fwd_hooks=(), *, reduce: Metric | None = None,
                        batch_size: int = 32, template: str | None = None) -> Tensor:
     """``reduce(logits)`` (default: the float32 logits) of each query's first answer token,
     with ``fwd_hooks`` active for the whole forward (the shared prefix included), stacked in the
@@ -115,7 +116,7 @@ def prompt_last_logits(model, queries: list[str], fwd_hooks=(), *, reduce: Metri
     return out
 
 
-def prompt_log_odds(model, queries: list[str], fwd_hooks=(), *, batch_size: int = 32,
+def prompt_log_odds(model: LoadedModel, queries: list[str], fwd_hooks=(), *, batch_size: int = 32,
                     template: str | None = None) -> Float[Tensor, "prompt"]:
     """The refusal log-odds of each query's first answer token, with ``fwd_hooks`` active for
     the whole forward (the shared prefix included), in the caller's order."""
@@ -234,7 +235,7 @@ def _earlier_positions(model, batch: Batch, prefix_kv) -> list[tuple[Tensor, Ten
 
 @torch.no_grad()
 def run_last_position(
-    model,
+    model: LoadedModel,
     queries: list[str],
     metric: Metric,
     capture: Sequence[tuple[str, int]] = (),
@@ -428,7 +429,7 @@ def _sides(pairs) -> dict[str, list[str]]:
 
 
 def patching_sweep(
-    model,
+    model: LoadedModel,
     pairs,
     *,
     sites=DEFAULT_SITES,
@@ -521,7 +522,7 @@ class PatchedGeneration:
 
 
 def patched_refusal_rates(
-    model,
+    model: LoadedModel,
     pairs,
     layers,
     *,
@@ -539,7 +540,7 @@ def patched_refusal_rates(
     ``limit``); then, for each layer and direction, generate the targets' answers with the
     source's last-prompt-position activation at ``site`` written in during the prefill only
     (``PrefillPatch``) and judge them."""
-    from interp.generation import generate
+    from interp.answers import generate_and_judge
     from interp.judge import DEFAULT_JUDGE
 
     judge = judge or DEFAULT_JUDGE
@@ -548,8 +549,8 @@ def patched_refusal_rates(
     check_sites([site])
     pairs = list(pairs)
     text = _sides(pairs)
-    gen = dict(max_new_tokens=max_new_tokens, decided=judge.decided, template=template)
-    screened = {side: [judge.is_refusal(t) for t in generate(model, text[side], batch_size=batch_size, **gen)]
+    gen = dict(judge=judge, max_new_tokens=max_new_tokens, template=template)
+    screened = {side: [a.refused for a in generate_and_judge(model, text[side], batch_size=batch_size, **gen)]
                 for side in ("harmful", "benign")}
     kept = [i for i in range(len(pairs))
             if not contrast_only or (screened["harmful"][i] and not screened["benign"][i])][:limit]
@@ -567,10 +568,10 @@ def patched_refusal_rates(
                                           share_prefix=False)
             for layer in layers:
                 hook = PrefillPatch(prompts, sources[source][(site, layer)])
-                texts = generate(model, subset[target], prompts=prompts, fwd_hooks=[(hook_name(site, layer), hook)],
-                                 **gen)
-                patched[direction][layer] = [judge.is_refusal(t) for t in texts]
-                answers[direction][layer] = texts
+                judged = generate_and_judge(model, subset[target], prompts=prompts,
+                                            fwd_hooks=[(hook_name(site, layer), hook)], **gen)
+                patched[direction][layer] = [a.refused for a in judged]
+                answers[direction][layer] = [a.text for a in judged]
     else:
         for direction in directions:
             for layer in layers:

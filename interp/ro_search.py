@@ -1,7 +1,7 @@
 """The bound search on a real model: R_o functions over one ``RoEvaluator``, pruning by the
 first-step estimate, and a resumable cache of every evaluated configuration.
 
-``locate_layers(model, queries, initial, ...)`` runs ``interp.locate.locate`` with one of four
+``locate_safety_layers(model, queries, initial, ...)`` runs ``interp.locate.search_bounds`` with one of four
 methods:
 
 - ``"generation"``: every candidate's R_o is generated (exact, the paper's measure);
@@ -13,7 +13,7 @@ methods:
   as far as that measurement holds, so the run records how many candidates were pruned and the
   margin it used, and ``benchmarks/locate.py`` checks that pruning changes no winner;
 - ``"fast"``: the first-step mass scores every candidate and the ``keep`` best of each sweep are
-  generated (the older coarse-to-fine mode; it can pick another range);
+  generated (coarse to fine; it can pick another range than ``"generation"``);
 - ``"estimate"``: the first-step mass only, no generation.
 
 Every configuration's statistics (R_o, opener-mass count and misses) are kept in a JSON file
@@ -31,7 +31,8 @@ from pathlib import Path
 
 from interp.data import prompts_hash
 from interp.io import atomic_write_json
-from interp.locate import AlphaChoice, LocateResult, choose_alpha, locate, lowest_layer
+from interp.locate import AlphaChoice, BoundSearch, choose_alpha, lowest_layer, search_bounds
+from interp.models import LoadedModel
 from interp.overrejection import DEFAULT_MAX_NEW_TOKENS, RoEvaluator
 from interp.ranges import LayerRange
 from interp.scaling import ALL_COMPONENTS
@@ -43,7 +44,7 @@ PRUNE_THRESHOLD = 0.02
 
 
 class SearchRo:
-    """R_o functions for ``locate`` over one evaluator, each configuration evaluated at most once
+    """R_o functions for ``search_bounds`` over one evaluator, each configuration evaluated at most once
     (and remembered in ``path`` when given)."""
 
     def __init__(self, evaluator: RoEvaluator, components=ALL_COMPONENTS, threshold: float = PRUNE_THRESHOLD,
@@ -91,7 +92,7 @@ class SearchRo:
             atomic_write_json(self.path, {"meta": self.meta, "configs": self.stats})
         return entry
 
-    # the functions ``locate`` takes
+    # the functions ``search_bounds`` takes
 
     def generated(self, layer_range, alpha) -> float:
         return float(self._get(layer_range, alpha, True)["r_o"])
@@ -109,10 +110,10 @@ class SearchRo:
 
 
 @dataclass
-class LocateRun:
+class LocationRun:
     """A search's outcome with how it was measured."""
 
-    result: LocateResult
+    result: BoundSearch
     method: str
     alpha_choice: AlphaChoice | None = None
     cache_hits: int = 0
@@ -140,7 +141,7 @@ class LocateRun:
         }
 
 
-def best_run(runs: list[LocateRun]) -> int:
+def best_run(runs: list[LocationRun]) -> int:
     """Index of the search, among searches from different starts, whose located range scores best
     on the search's own objective: the highest R_o for α > 1, the lowest for α < 1; ties go to the
     earlier start.  The bound search is local (each sweep moves one bound around the other's
@@ -165,8 +166,8 @@ def cache_file(folder, model, queries, **settings) -> tuple[Path, dict]:
     return Path(folder) / f"ro_cache_{digest}.json", meta
 
 
-def locate_layers(
-    model,
+def locate_safety_layers(
+    model: LoadedModel,
     queries: list[str],
     initial: LayerRange,
     *,
@@ -183,7 +184,7 @@ def locate_layers(
     alpha_rule: dict | None = None,
     progress: bool = True,
     extend: bool = False,
-) -> LocateRun:
+) -> LocationRun:
     """Run the bound search on ``model`` (module docstring for ``method``).  ``alpha_rule``:
     ``choose_alpha`` keyword arguments (``step``, ``target_std``, ``max_steps``) to pick α,
     stepping in ``alpha``'s direction."""
@@ -209,8 +210,8 @@ def locate_layers(
         choice = choose_alpha(fn, initial, model.n_layers, increase=alpha > 1, **alpha_rule, **kwargs)
         result = choice.result
     else:
-        result = locate(fn, initial, alpha, model.n_layers, **kwargs)
-    return LocateRun(
+        result = search_bounds(fn, initial, alpha, model.n_layers, **kwargs)
+    return LocationRun(
         result=result, method=method, alpha_choice=choice, cache_hits=ro.hits,
         n_generated=sum(s["r_o"] is not None for s in ro.stats.values()),
         n_pruned=sum(r.pruned for r in result.upper + result.lower),

@@ -25,9 +25,10 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 
+from interp.answers import generate_and_judge
 from interp.data import load_pairs, load_prompts, load_xstest, prompts_hash, sample_rows
-from interp.generation import generate
 from interp.judge import DEFAULT_JUDGE, LABELS
+from interp.models import LoadedModel
 from interp.stats import Rate
 
 SAFETY_SETS: dict[str, str] = {
@@ -128,7 +129,7 @@ class SafetyReport:
         }
 
 
-def safety_report(model, sets=tuple(SAFETY_SETS), limit: int | None = None, sample: str = "spread",
+def safety_report(model: LoadedModel, sets=tuple(SAFETY_SETS), limit: int | None = None, sample: str = "spread",
                   max_new_tokens: int = 32, batch_size: int = 64, judge=DEFAULT_JUDGE,
                   progress: bool = True) -> SafetyReport:
     """Generate and judge every set of ``sets`` (module docstring); ``limit``/``sample`` take a
@@ -142,12 +143,12 @@ def safety_report(model, sets=tuple(SAFETY_SETS), limit: int | None = None, samp
         prompts = [prompts[i] for i in index]
         types = [types[i] for i in index] if types else [""] * len(prompts)
         start = time.perf_counter()
-        texts = generate(model, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress,
-                         desc=name)
+        answers = generate_and_judge(model, prompts, judge=judge, max_new_tokens=max_new_tokens, early_stop=False,
+                                     batch_size=batch_size, progress=progress, desc=name)
         seconds[name] = round(time.perf_counter() - start, 1)
-        labels = [judge.classify(t) for t in texts]
-        tables.append(pd.DataFrame({"set": name, "type": types, "prompt": prompts, "response": texts, "label": labels,
-                                    "refused": [label != "compliance" for label in labels]}))
+        tables.append(pd.DataFrame({"set": name, "type": types, "prompt": prompts,
+                                    "response": [a.text for a in answers], "label": [a.label for a in answers],
+                                    "refused": [a.refused for a in answers]}))
         settings["prompts_hash"][name] = prompts_hash(prompts)
     return SafetyReport(str(model.spec), model.fingerprint(), model.template, settings,
                         pd.concat(tables, ignore_index=True), seconds)

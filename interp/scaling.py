@@ -39,12 +39,14 @@ from torch import Tensor
 from interp.architectures import COMPONENTS, architecture_of
 from interp.errors import SafetyLayersError
 from interp.hooks import hook_name
+from interp.models import LoadedModel
 from interp.ranges import check_layers
 
 ALL_COMPONENTS: tuple[str, ...] = COMPONENTS
 """Every projection the paper scales: attention q, k, v, o; MLP gate, up (``in``), down (``out``)."""
 PAPER_CODE_COMPONENTS: tuple[str, ...] = ("q", "k", "v", "gate", "in", "out")
-"""What the official code actually scaled until 2025-04-26: everything but ``o_proj`` (its bug)."""
+"""What the official code's scaling script scaled: everything but ``o_proj`` (a bug its authors later
+fixed); kept to reproduce numbers made with it."""
 
 class ScalingError(SafetyLayersError, ValueError):
     """A bad scaling request: α not a finite positive number, unknown component, bad layers."""
@@ -76,7 +78,7 @@ def check_components(components) -> tuple[str, ...]:
     return components
 
 
-def projection_bias(model, layer: int, component: str) -> Tensor | None:
+def projection_bias(model: LoadedModel, layer: int, component: str) -> Tensor | None:
     """The bias of a projection (its row block, for a fused one), from the model's own HF
     parameters (``None`` when it has none)."""
     name = model.arch.projection_weight(layer, component)[: -len("weight")] + "bias"
@@ -122,14 +124,14 @@ def _scaled_projections(model, layers, alpha: float, components) -> list[tuple[i
     return [(i, c, _scale_hook(alpha, projection_bias(model, i, c))) for i in layers for c in components]
 
 
-def scaling_hooks(model, layers, alpha: float, components=ALL_COMPONENTS) -> list[tuple[str, object]]:
+def scaling_hooks(model: LoadedModel, layers, alpha: float, components=ALL_COMPONENTS) -> list[tuple[str, object]]:
     """``(hook_name, fn)`` pairs that scale ``components`` of ``layers`` by ``alpha``
     (empty when α is 1: the unscaled model needs no hooks)."""
     return [(hook_name(c, i), fn) for i, c, fn in _scaled_projections(model, layers, alpha, components)]
 
 
 @contextmanager
-def scaled(model, layers, alpha: float, components=ALL_COMPONENTS) -> Iterator[object]:
+def scaled(model: LoadedModel, layers, alpha: float, components=ALL_COMPONENTS) -> Iterator[object]:
     """Run the body with ``components`` of ``layers`` behaving as if their weights were × ``alpha``.
 
     ``model`` is a ``LoadedModel``; ``layers`` a ``LayerRange`` (inclusive), a layer index or a
@@ -157,7 +159,7 @@ def _twin_hook(scale, rows: slice):
 
 
 @contextmanager
-def scaled_twin(model, layers, alpha: float, components=ALL_COMPONENTS) -> Iterator[torch.nn.Module]:
+def scaled_twin(model: LoadedModel, layers, alpha: float, components=ALL_COMPONENTS) -> Iterator[torch.nn.Module]:
     """``scaled`` for ``model.plain_twin()``, the unbridged module tree that shares the model's
     weights: the same ``α (y − b) + b`` on each projection's output, by torch forward hooks on its
     ``nn.Linear`` modules (bridge hook points do not exist there).  Yields the twin; raises

@@ -15,7 +15,8 @@ the inline bundle when ``offline=True`` (the default), in notebooks and in ``str
 ``save_html`` writes a self-contained page.  Each inline view weighs ~1.3 MB, so keep a
 notebook's views few, or store it without outputs.  Where JavaScript does not run (GitHub's
 notebook preview, nbconvert to PDF) the views are blank: the matplotlib heatmap
-(``interp.attention.plot_attention_heatmap``) and ``plot_token_scores`` are the static fallback.
+(``analyses.plots.plot_attention_heatmap``) and ``analyses.plots.plot_token_scores`` are the static
+fallback.
 """
 
 from __future__ import annotations
@@ -29,14 +30,15 @@ from circuitsvis.utils.render import RenderedHTML
 from jaxtyping import Float
 from torch import Tensor
 
-from interp.attention import _label, attention_patterns, encode_prompt
+from interp.attention import attention_patterns, encode_prompt
 from interp.hooks import hook_name
 from interp.io import atomic_write_text
+from interp.models import LoadedModel
 from interp.ranges import check_layer
 
 
 def token_refusal_scores(
-    model,
+    model: LoadedModel,
     query: str,
     direction: Float[Tensor, "d_model"],
     layer: int,
@@ -59,24 +61,6 @@ def token_refusal_scores(
         resid = resid - center.float().cpu()
     unit = direction.float().cpu() / direction.float().cpu().norm()
     return resid @ unit
-
-
-def plot_token_scores(tokens: list[str], scores: Float[Tensor, "pos"], title: str = "", ax=None):
-    """A static bar chart of per-token scores (the fallback where circuitsvis cannot run)."""
-    from matplotlib.figure import Figure
-
-    if len(tokens) != len(scores):
-        raise ValueError(f"{len(tokens)} tokens but {len(scores)} scores")
-    fig = None
-    if ax is None:
-        fig = Figure(figsize=(1 + 0.3 * len(tokens), 2.5), layout="constrained")
-        ax = fig.subplots()
-    values = scores.float().cpu().numpy()
-    ax.bar(range(len(tokens)), values, color=["tab:red" if v > 0 else "tab:blue" for v in values])
-    ax.set_xticks(range(len(tokens)), [_label(t) for t in tokens], rotation=90, fontsize=8)
-    ax.axhline(0, color="black", linewidth=0.5)
-    ax.set_title(title)
-    return fig if fig is not None else ax.figure
 
 
 class OfflineHTML(RenderedHTML):

@@ -74,25 +74,40 @@ class _ArgparseError(Exception):
     pass
 
 
+class _Parsed(Exception):
+    pass
+
+
 def test_every_step_passes_only_options_its_analysis_knows(tmp_path, monkeypatch):
-    """Each step's argv goes through that analysis's own parser: an option it does not have (a
-    renamed flag) fails here, not an hour into ``make demo``.  Checks that read the input files
-    (which do not exist yet) may fail; argparse may not."""
+    """Each step's argv goes through that analysis's own ``main`` up to its argument parser: an
+    option it does not have (a renamed flag) fails here, not an hour into ``make demo``.  The
+    parser stops the run once it has parsed (before any input file is read or model loaded), and
+    any other exception fails the test."""
     import argparse
     import importlib
 
     def error(self, message):
         raise _ArgparseError(message)
 
+    parse = argparse.ArgumentParser.parse_args
+
+    def parse_then_stop(self, args=None, namespace=None):
+        raise _Parsed(parse(self, args, namespace))
+
     monkeypatch.setattr(argparse.ArgumentParser, "error", error)
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", parse_then_stop)
+    checked = []
     for full in (False, True):
         for _, module, argv in demo.steps(tmp_path, full=full):
             try:
-                importlib.import_module(module).parse_args(argv)
+                importlib.import_module(module).main(argv)
             except _ArgparseError as err:
                 raise AssertionError(f"{module} {argv}: {err}") from None
-            except Exception:  # a missing input file: the step's own checks, after argparse
-                pass
+            except _Parsed:
+                checked.append(module)
+            else:
+                raise AssertionError(f"{module} ran past its parser")
+    assert checked == [module for full in (False, True) for _, module, _ in demo.steps(tmp_path, full=full)]
 
 
 def test_a_failing_step_reports_its_error_line(tmp_path, capsys):

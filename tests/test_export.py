@@ -8,7 +8,7 @@ import pytest
 
 from interp.data import prompts_hash
 from interp.export import SCHEMA, SCHEMA_RESOURCE, LocatedRangeError, export_located, load_located
-from interp.locate import locate
+from interp.locate import search_bounds
 from interp.models import load_hf, load_model
 from interp.provenance import weights_fingerprint
 from interp.ranges import LayerRange
@@ -24,7 +24,7 @@ def planted(layer_range, alpha):
 
 @pytest.fixture(scope="module")
 def result():
-    return locate(planted, LayerRange(1, 1), 1.2, 4, window=1)
+    return search_bounds(planted, LayerRange(1, 1), 1.2, 4, window=1)
 
 
 @pytest.fixture

@@ -48,7 +48,7 @@ from interp.activations import apply_final_norm, capture_last_token_resid
 from interp.architectures import UnsupportedArchitectureError, supported_families
 from interp.export import LocatedRangeError, export_located, load_located
 from interp.judge import DEFAULT_JUDGE
-from interp.locate import locate
+from interp.locate import search_bounds
 from interp.models import load_hf, load_model
 from interp.overrejection import RoEvaluator
 from interp.ranges import LayerRange
@@ -388,6 +388,10 @@ class ParityJudge:
     def is_refusal(text: str) -> bool:
         return sum(map(ord, text)) % 2 == 0
 
+    @classmethod
+    def classify(cls, text: str) -> str:
+        return "full_refusal" if cls.is_refusal(text) else "compliance"
+
     @staticmethod
     def decided(text: str) -> bool:
         return False
@@ -422,11 +426,11 @@ def test_ro_evaluator_verdicts_equal_plain_generation_under_scaling(request, fam
     assert result.flags.tolist() == [judge.is_refusal(t) for t in texts]
     # and the library's plain generation path under the hooks agrees
     from interp.generation import generate
-    from interp.overrejection import refusal_flags
+    from interp.overrejection import over_rejection
 
     with scaled(bridged, layers or [1], alpha):
         assert generate(bridged, DO_PROMPTS, max_new_tokens=16, batch_size=batch_size) == texts
-        assert refusal_flags(bridged, DO_PROMPTS, judge=judge, batch_size=batch_size) == result.flags.tolist()
+    assert over_rejection(bridged, DO_PROMPTS, layers, alpha, judge=judge, batch_size=batch_size) == result.count
 
 
 # --- fine-tuning ---------------------------------------------------------------------------------------
@@ -561,7 +565,7 @@ def test_located_range_json_round_trips_on_the_reloaded_checkpoint(trained, save
     from transformers import AutoModelForCausalLM
 
     model, _, _ = trained
-    result = locate(planted, LayerRange(1, 1), 1.2, N_LAYERS, window=1)
+    result = search_bounds(planted, LayerRange(1, 1), 1.2, N_LAYERS, window=1)
     path = export_located(tmp_path / "located.json", result, model, dataset="over_rejection",
                           dataset_hash="x", n_prompts=len(DO_PROMPTS), method="generation")
     for reloaded in (AutoModelForCausalLM.from_pretrained(saved), load_model(str(saved), device="cpu", bridge=False)):

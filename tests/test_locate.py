@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from interp.locate import choose_alpha, locate, lowest_layer, lower_candidates, upper_candidates
+from interp.locate import choose_alpha, lower_candidates, lowest_layer, search_bounds, upper_candidates
 from interp.ranges import LayerRange, LayerRangeError
 
 TRUE = LayerRange(6, 12)
@@ -32,7 +32,7 @@ def planted(true=TRUE, baseline=100.0, gain=400.0, calls=None):
 @pytest.mark.parametrize("alpha", [1.2, 0.8])
 @pytest.mark.parametrize("initial", [LayerRange(7, 11), LayerRange(8, 10), LayerRange(5, 13), LayerRange(6, 12)])
 def test_finds_planted_range(alpha, initial):
-    result = locate(planted(), initial, alpha, 30, window=2)
+    result = search_bounds(planted(), initial, alpha, 30, window=2)
     assert result.range == TRUE
     assert result.baseline == 100
     assert result.direction == ("max" if alpha > 1 else "min")
@@ -51,9 +51,9 @@ def test_extend_follows_a_winner_past_the_window(alpha):
     edge); extended, each sweep widens until its winner is inside: the planted [6,12], each
     range measured once."""
     calls = []
-    plain = locate(planted(), LayerRange(9, 9), alpha, 30, window=1)
+    plain = search_bounds(planted(), LayerRange(9, 9), alpha, 30, window=1)
     assert plain.range == LayerRange(8, 10)
-    result = locate(planted(calls=calls), LayerRange(9, 9), alpha, 30, window=1, extend=True)
+    result = search_bounds(planted(calls=calls), LayerRange(9, 9), alpha, 30, window=1, extend=True)
     assert result.range == TRUE
     assert len(calls) == len(set(calls))
     assert [r.offset for r in result.upper] == [0, 1, 2, 3, 4]  # -1 gives [9,8]: invalid
@@ -64,14 +64,14 @@ def test_extend_follows_a_winner_past_the_window(alpha):
 
 
 def test_extend_stops_at_the_model_edge():
-    result = locate(planted(true=LayerRange(25, 29)), LayerRange(27, 27), 1.2, 30, window=1, extend=True)
+    result = search_bounds(planted(true=LayerRange(25, 29)), LayerRange(27, 27), 1.2, 30, window=1, extend=True)
     assert result.upper_end == 29 and result.range == LayerRange(25, 29)
     assert max(r.range.end for r in result.upper) == 29
 
 
 def test_upper_bound_is_found_before_lower():
     """The upper sweep holds the start fixed, so with [8,10] it can only reach [8,12]."""
-    result = locate(planted(), LayerRange(8, 10), 1.2, 30, window=2)
+    result = search_bounds(planted(), LayerRange(8, 10), 1.2, 30, window=2)
     assert next(r for r in result.upper if r.winner).range == LayerRange(8, 12)
     assert result.range == LayerRange(6, 12)
 
@@ -101,7 +101,7 @@ def test_reproduces_table1(name):
         assert a == alpha or layer_range is None
         return baseline if layer_range is None else table[(layer_range.start, layer_range.end)]
 
-    result = locate(ro, initial, alpha, 32, upper_offsets=up, lower_offsets=low)
+    result = search_bounds(ro, initial, alpha, 32, upper_offsets=up, lower_offsets=low)
     assert result.range == expected
     assert result.baseline == baseline
     assert "*" in result.table() and str(expected) in result.table()
@@ -109,7 +109,7 @@ def test_reproduces_table1(name):
 
 def test_each_configuration_evaluated_once():
     calls = []
-    result = locate(planted(calls=calls), LayerRange(7, 11), 1.2, 30, window=2)
+    result = search_bounds(planted(calls=calls), LayerRange(7, 11), 1.2, 30, window=2)
     assert len(calls) == len(set(calls))
     # baseline + 5 upper + 5 lower, minus the [i, j_u] row that both sweeps contain
     assert len(calls) == 1 + 5 + 5 - 1
@@ -118,12 +118,12 @@ def test_each_configuration_evaluated_once():
 
 def test_ties_go_to_the_offset_nearest_zero():
     flat = lambda r, a: 100.0 if r is None else 120.0  # noqa: E731
-    result = locate(flat, LayerRange(7, 11), 1.2, 30, window=2)
+    result = search_bounds(flat, LayerRange(7, 11), 1.2, 30, window=2)
     assert result.range == LayerRange(7, 11)
 
 
 def test_ranges_stay_inside_the_model():
-    result = locate(planted(true=LayerRange(26, 29)), LayerRange(27, 28), 1.3, 30, window=2)
+    result = search_bounds(planted(true=LayerRange(26, 29)), LayerRange(27, 28), 1.3, 30, window=2)
     assert all(0 <= r.range.start <= r.range.end <= 29 for r in result.upper + result.lower)
     assert [r.range.end for r in result.upper] == [27, 28, 29]  # j-2 < i is dropped, j+2 > 29 too
     assert result.range == LayerRange(26, 29)
@@ -142,11 +142,11 @@ def test_coarse_to_fine_confirms_the_best_candidates():
             return 1000.0
         return fine(layer_range, alpha)
 
-    kept2 = locate(coarse, LayerRange(7, 11), 1.2, 30, window=2, confirm=fine, keep=2)
+    kept2 = search_bounds(coarse, LayerRange(7, 11), 1.2, 30, window=2, confirm=fine, keep=2)
     assert kept2.range == TRUE
     confirmed = [r for r in kept2.upper if r.r_o is not None]
     assert len(confirmed) == 2 and all(r.estimate is not None for r in kept2.upper)
-    kept1 = locate(coarse, LayerRange(7, 11), 1.2, 30, window=2, confirm=fine, keep=1)
+    kept1 = search_bounds(coarse, LayerRange(7, 11), 1.2, 30, window=2, confirm=fine, keep=1)
     assert next(r for r in kept1.upper if r.winner).range == LayerRange(7, 13)
 
 
@@ -165,7 +165,7 @@ def test_coarse_to_fine_keeps_the_confirmed_upper_winner_in_the_lower_sweep():
             return 30.0  # best of the upper sweep, but third of the lower one
         return {LayerRange(6, 12): 40.0, LayerRange(5, 12): 35.0}.get(layer_range, 1.0)
 
-    result = locate(coarse, LayerRange(7, 11), 1.2, 30, window=2, confirm=fine, keep=2)
+    result = search_bounds(coarse, LayerRange(7, 11), 1.2, 30, window=2, confirm=fine, keep=2)
     assert next(r for r in result.upper if r.winner).range == LayerRange(7, 12)
     confirmed = {r.range: r.r_o for r in result.lower if r.r_o is not None}
     assert confirmed == {LayerRange(7, 12): 50.0, LayerRange(6, 12): 20.0, LayerRange(5, 12): 10.0}
@@ -212,12 +212,12 @@ def test_bad_arguments(kwargs, error):
     args = dict(ro=planted(), initial=LayerRange(7, 11), alpha=1.2, n_layers=30)
     args.update(kwargs)
     with pytest.raises(error):
-        locate(**args)
+        search_bounds(**args)
 
 
 def test_non_finite_ro_is_refused():
     with pytest.raises(ValueError, match="returned nan"):
-        locate(lambda r, a: float("nan"), LayerRange(7, 11), 1.2, 30)
+        search_bounds(lambda r, a: float("nan"), LayerRange(7, 11), 1.2, 30)
 
 
 def test_lowest_layer():
@@ -243,9 +243,9 @@ def test_pruning_never_skips_a_possible_winner(seed):
         key = (layer_range.start, layer_range.end)
         return ro(layer_range, alpha) + slack.setdefault(key, float(rng.choice([0, 0, 3, 25])))
 
-    full = locate(ro, LayerRange(7, 11), 1.2, 30, window=3)
+    full = search_bounds(ro, LayerRange(7, 11), 1.2, 30, window=3)
     measured = []
-    pruned = locate(lambda r, a: measured.append(r) or ro(r, a), LayerRange(7, 11), 1.2, 30, window=3, bound=bound)
+    pruned = search_bounds(lambda r, a: measured.append(r) or ro(r, a), LayerRange(7, 11), 1.2, 30, window=3, bound=bound)
     assert pruned.range == full.range
     for sweep in (pruned.upper, pruned.lower):
         best = max(r.r_o for r in sweep if r.r_o is not None)
@@ -256,7 +256,7 @@ def test_pruning_never_skips_a_possible_winner(seed):
 
 def test_pruning_is_off_below_alpha_one():
     calls = []
-    full = locate(planted(calls=calls), LayerRange(7, 11), 0.8, 30, window=2, bound=lambda r, a: 0.0)
+    full = search_bounds(planted(calls=calls), LayerRange(7, 11), 0.8, 30, window=2, bound=lambda r, a: 0.0)
     assert not any(r.pruned for r in full.upper + full.lower) and len(calls) == 10
 
 
@@ -283,7 +283,7 @@ def test_search_cache_resumes_an_interrupted_search(tmp_path):
     from interp.ro_search import SearchRo
 
     meta = {"model": "x", "prompts": "abc"}
-    full = locate(planted(), LayerRange(7, 11), 1.2, 30, window=2)
+    full = search_bounds(planted(), LayerRange(7, 11), 1.2, 30, window=2)
     flaky = PlantedEvaluator()
     real = flaky.evaluate
 
@@ -295,12 +295,12 @@ def test_search_cache_resumes_an_interrupted_search(tmp_path):
     flaky.evaluate = interrupt
     path = tmp_path / "ro_cache.json"
     with pytest.raises(KeyboardInterrupt):
-        locate(SearchRo(flaky, path=path, meta=meta).generated, LayerRange(7, 11), 1.2, 30, window=2)
+        search_bounds(SearchRo(flaky, path=path, meta=meta).generated, LayerRange(7, 11), 1.2, 30, window=2)
     assert len(json.loads(path.read_text())["configs"]) == 4
 
     again = PlantedEvaluator()
     search = SearchRo(again, path=path, meta=meta)
-    resumed = locate(search.generated, LayerRange(7, 11), 1.2, 30, window=2)
+    resumed = search_bounds(search.generated, LayerRange(7, 11), 1.2, 30, window=2)
     assert search.hits == 4 and len(again.calls) == 10 - 4
     assert resumed.range == full.range
     assert [r.r_o for r in resumed.rows] == [int(r.r_o) for r in full.rows]
@@ -406,9 +406,9 @@ def two_peaks(a=LayerRange(2, 4), b=LayerRange(20, 24)):
 
 @pytest.mark.parametrize("alpha", [1.2, 0.8])
 def test_best_run_keeps_the_start_whose_range_scores_best(alpha):
-    from interp.ro_search import LocateRun, best_run
+    from interp.ro_search import LocationRun, best_run
 
-    runs = [LocateRun(locate(two_peaks(), start, alpha, 30, window=2), "generation")
+    runs = [LocationRun(search_bounds(two_peaks(), start, alpha, 30, window=2), "generation")
             for start in (LayerRange(2, 4), LayerRange(20, 24), LayerRange(2, 4))]
     assert [run.result.range for run in runs] == [LayerRange(2, 4), LayerRange(20, 24), LayerRange(2, 4)]
     assert runs[0].result.located_r_o == pytest.approx(100 + (alpha - 1) * 200)
@@ -416,7 +416,7 @@ def test_best_run_keeps_the_start_whose_range_scores_best(alpha):
     assert best_run(runs) == 1  # α > 1: the highest R_o; α < 1: the lowest
     assert best_run([runs[0], runs[2]]) == 0  # ties: the earlier start
     with pytest.raises(ValueError, match="different alphas"):
-        best_run([runs[0], LocateRun(locate(two_peaks(), LayerRange(2, 4), 1 / alpha, 30, window=2), "generation")])
+        best_run([runs[0], LocationRun(search_bounds(two_peaks(), LayerRange(2, 4), 1 / alpha, 30, window=2), "generation")])
     with pytest.raises(ValueError, match="no searches"):
         best_run([])
 

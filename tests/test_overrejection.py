@@ -13,10 +13,8 @@ from interp.judge import DEFAULT_JUDGE
 from interp.overrejection import (
     RoEvaluator,
     compare_estimate,
-    count_over_rejection,
-    over_rejection_at,
+    over_rejection,
     over_rejection_prompts,
-    refusal_flags,
 )
 from interp.ranges import LayerRange
 from interp.scaling import hook_count, scaled
@@ -169,6 +167,10 @@ def test_counts_follow_the_judge(embedded_base):
         openers = DEFAULT_JUDGE.openers
 
         @staticmethod
+        def classify(text):
+            return "full_refusal" if len(text) % 2 == 0 else "compliance"
+
+        @staticmethod
         def is_refusal(text):
             return len(text) % 2 == 0
 
@@ -180,17 +182,16 @@ def test_counts_follow_the_judge(embedded_base):
     texts = [c.text for c in generate_completions(model, queries, max_new_tokens=16)]
     planted = [len(t) % 2 == 0 for t in texts]
     assert 0 < sum(planted) < len(planted)
-    assert refusal_flags(model, queries, judge=Planted) == planted
-    assert count_over_rejection(model, queries, judge=Planted) == sum(planted)
-    assert over_rejection_at(model, queries, None, judge=Planted) == sum(planted)
+    assert over_rejection(model, queries, judge=Planted) == sum(planted)
+    assert over_rejection(model, queries, None, 1.3, judge=Planted) == sum(planted)  # no layers: alpha unused
     assert RoEvaluator(model, queries, judge=Planted).count() == sum(planted)
 
 
-def test_over_rejection_at_scales_and_cleans_up(tiny):
+def test_over_rejection_scales_and_cleans_up(tiny):
     n = hook_count(tiny.bridge)
     with scaled(tiny, LayerRange(1, 2), 1.7):
-        expected = refusal_flags(tiny, QUERIES)
-    assert over_rejection_at(tiny, QUERIES, LayerRange(1, 2), 1.7) == sum(expected)
+        expected, _ = full_generation_flags(tiny, QUERIES)
+    assert over_rejection(tiny, QUERIES, LayerRange(1, 2), 1.7) == sum(expected)
     assert hook_count(tiny.bridge) == n
 
 

@@ -9,12 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from analyses import causal
-from interp import localisation
+from analyses import causal, localisation
 from interp.data import load_pairs
 from interp.estimate import refusal_opening_token_ids
 from interp.forward import PromptBatches
-from interp.generation import generate_completions
+from interp.generation import Completion, generate_completions
 from interp.hooks import hook_name
 from interp.models import single_thread
 from interp.patching import (
@@ -254,16 +253,16 @@ def test_contrast_only_keeps_refused_harmful_answered_benign(tiny, pairs, monkey
     def fake_generate(model, queries, **kwargs):
         texts = [f"answer to {q}" for q in queries]
         answers.update(zip(texts, queries))
-        return texts
+        return [Completion(text, (), "length") for text in texts]
 
     class Judge:
         decided = None
 
-        def is_refusal(self, text):
+        def classify(self, text):
             query = answers[text]
-            return query in refused_prompts and query in harmful
+            return "full_refusal" if query in refused_prompts and query in harmful else "compliance"
 
-    monkeypatch.setattr("interp.generation.generate", fake_generate)
+    monkeypatch.setattr("interp.answers.generate_completions", fake_generate)
     result = patched_refusal_rates(tiny, pairs, [1], contrast_only=True, judge=Judge(), max_new_tokens=2)
     assert result.kept == [0, 1]
     assert result.screened["harmful"] == [True, True] + [False] * (len(pairs) - 2)
@@ -336,11 +335,11 @@ def test_relation_words():
 
 def _rows(located, band, direction):
     L = localisation.Localisation
-    rows = [L("m", "gap onset-plateau", "existence", 7, 19, layers=list(range(7, 20)), detail="onset 7, plateau 19"),
-            L("m", "scaling search", "located", *located, layers=list(range(located[0], located[1] + 1))),
-            L("m", "patching resid >= 50% (harmful into benign)", "patching", band[0], band[1],
-              layers=list(range(band[0], band[1] + 1)), threshold=0.5),
-            L("m", "refusal direction best layer", "direction", direction, direction, point=direction,
+    rows = [L("gap", "m", "gap onset-plateau", "existence", 7, 19, layers=list(range(7, 20)), detail="onset 7, plateau 19"),
+            L("scaling", "m", "scaling search", "located", *located, layers=list(range(located[0], located[1] + 1))),
+            L("resid_band", "m", "patching resid >= 50% (harmful into benign)", "patching", band[0], band[1],
+              layers=list(range(band[0], band[1] + 1)), threshold=0.5, patch_direction="harmful->benign"),
+            L("direction", "m", "refusal direction best layer", "direction", direction, direction, point=direction,
               layers=[direction])]
     return rows
 

@@ -69,7 +69,7 @@ def test_cli_rejudges_without_a_model_and_refuses_bad_input(report, tmp_path, ca
     assert (tmp_path / "again" / "summary.json").is_file()
     for argv, message in ((["--sets", "nonsense"], "unknown safety set"),
                           (["--rejudge", str(tmp_path / "nowhere")], "no responses.csv"),
-                          (["--limit", "0"], "")):
+                          (["--limit", "0"], "--limit: must be at least 1, got 0")):
         with pytest.raises(SystemExit) as exit_:
             main(argv)
         assert exit_.value.code == 2

@@ -10,12 +10,12 @@ import pytest
 import torch
 from circuitsvis.utils.render import RenderedHTML
 
+from analyses.plots import plot_attention_heatmap
 from interp.attention import (
     attention_heatmap_data,
     encode_prompt,
     last_token_attention,
     minmax_per_layer,
-    plot_attention_heatmap,
     prompt_tokens,
 )
 from interp.direction import refusal_directions

@@ -1,11 +1,21 @@
-"""Plots of the toolkit's results (matplotlib; each function returns a ``Figure``, saving is the
-caller's: ``interp.io.atomic_savefig``).  The figures use the object-oriented API, never
-``pyplot``'s global state, so they are safe in scripts, tests and notebooks alike."""
+"""Every figure of the toolkit's results (matplotlib; each function returns a ``Figure``, saving is
+the caller's: ``interp.io.atomic_savefig``).  The figures use the object-oriented API, never
+``pyplot``'s global state, so they are safe in scripts, tests and notebooks alike.
+
+Existence: ``plot_similarity``, ``plot_gap``, ``plot_probe``, ``plot_gap_comparison``; location:
+``plot_sweeps``; protection: ``plot_protection``, ``plot_dose``, ``plot_audit``; causal
+localisation: ``plot_causal``; layer circuits: ``plot_attention_heatmap`` (the static fallback of
+the circuitsvis views) and ``plot_token_scores``."""
 
 from __future__ import annotations
 
+from jaxtyping import Float
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
+from torch import Tensor
+
+from analyses.localisation import FORWARD, REVERSE, fmt_interval
+from interp.attention import token_label
 
 
 def _subplots(*args, **kwargs):
@@ -178,4 +188,96 @@ def plot_audit(audit, title: str = ""):
     ax.set_ylabel("paired gap [deg]")
     ax.legend(fontsize=7)
     ax.set_title(title or "the safety layers' signature after fine-tuning")
+    return fig
+
+
+def plot_attention_heatmap(
+    normal: Float[Tensor, "layer key_pos"],
+    malicious: Float[Tensor, "layer key_pos"],
+    normal_tokens: list[str],
+    malicious_tokens: list[str],
+    titles: tuple[str, str] = ("normal query", "malicious query"),
+    cmap: str = "Reds",
+):
+    """Two heatmaps side by side: layers down (0 at the top), tokens across."""
+    for scores, tokens, name in ((normal, normal_tokens, "normal"), (malicious, malicious_tokens, "malicious")):
+        if scores.ndim != 2 or scores.shape[1] != len(tokens):
+            raise ValueError(f"{name}: scores of shape {tuple(scores.shape)} do not match {len(tokens)} tokens")
+    widths = [max(3, len(normal_tokens)), max(3, len(malicious_tokens))]
+    n_layers = normal.shape[0]
+    fig = Figure(figsize=(2 + 0.35 * sum(widths), 1.5 + 0.18 * n_layers), layout="constrained")
+    axes = fig.subplots(1, 2, sharey=True, width_ratios=widths)
+    for ax, scores, tokens, title in zip(axes, (normal, malicious), (normal_tokens, malicious_tokens), titles):
+        values = scores.float().cpu().numpy()
+        image = ax.imshow(values, cmap=cmap, vmin=0, vmax=1, aspect="auto", interpolation="nearest")
+        ax.set_xticks(range(len(tokens)), [token_label(t) for t in tokens], rotation=90, fontsize=8)
+        ax.set_title(title)
+    axes[0].set_ylabel("layer")
+    fig.colorbar(image, ax=axes, shrink=0.8, label="attention from last position (min–max per layer)")
+    return fig
+
+
+def plot_token_scores(tokens: list[str], scores: Float[Tensor, "pos"], title: str = "", ax=None):
+    """A static bar chart of per-token scores (the fallback where circuitsvis cannot run)."""
+    if len(tokens) != len(scores):
+        raise ValueError(f"{len(tokens)} tokens but {len(scores)} scores")
+    fig = None
+    if ax is None:
+        fig = Figure(figsize=(1 + 0.3 * len(tokens), 2.5), layout="constrained")
+        ax = fig.subplots()
+    values = scores.float().cpu().numpy()
+    ax.bar(range(len(tokens)), values, color=["tab:red" if v > 0 else "tab:blue" for v in values])
+    ax.set_xticks(range(len(tokens)), [token_label(t) for t in tokens], rotation=90, fontsize=8)
+    ax.axhline(0, color="black", linewidth=0.5)
+    ax.set_title(title)
+    return fig if fig is not None else ax.figure
+
+
+def plot_causal(models: list[dict], threshold: float = 0.5) -> Figure:
+    """Per model: the patching profiles (fraction of the refusal gap, per layer and site) with
+    the gap range, the scaling-located range and the direction's best layer marked; beside it
+    the direction's test AUROC per layer."""
+    fig = Figure(figsize=(13, 3.8 * len(models)), layout="constrained")
+    axes = fig.subplots(len(models), 2, squeeze=False, width_ratios=[2, 1])
+    styles = {"resid_post": "tab:blue", "attn_out": "tab:orange", "mlp_out": "tab:green"}
+    for (ax, ax_dir), entry in zip(axes, models):
+        spec, patching, direction, rows = entry["spec"], entry["patching"], entry["direction"], entry["rows"]
+        for row in rows:
+            if row.kind == "gap" and row.interval:
+                ax.axvspan(row.start - 0.5, row.end + 0.5, color="grey", alpha=0.15,
+                           label=f"gap range {fmt_interval(row.interval)}")
+            if row.kind == "scaling":
+                ax.axvspan(row.start - 0.5, row.end + 0.5, color="tab:red", alpha=0.15,
+                           label=f"scaling-located {fmt_interval(row.interval)}")
+        if patching is not None:
+            for site in patching.sites:
+                for direction_name, style in ((FORWARD, "-"), (REVERSE, "--")):
+                    if direction_name in patching.directions:
+                        ax.plot(patching.layers, patching.profile(site, direction_name), style,
+                                color=styles.get(site, None), marker="o" if style == "-" else None, markersize=3,
+                                label=f"{site}, {direction_name}")
+        ax.axhline(threshold, color="black", linewidth=0.6, linestyle=":")
+        ax.axhline(0, color="grey", linewidth=0.5)
+        if direction is not None:
+            ax.axvline(direction.layer, color="tab:purple", linewidth=1.5, label=f"direction's layer {direction.layer}")
+            sep = direction.separation
+            ax_dir.plot(sep["layer"], sep["auroc"], color="tab:purple", marker="o", markersize=3, label="test AUROC")
+            ax_dir.axvline(direction.layer, color="tab:purple", linewidth=1.5)
+            ax_dir.set_ylim(0.4, 1.02)
+            ax_dir.axhline(0.5, color="grey", linewidth=0.5)
+            sel = direction.selection.table
+            twin = ax_dir.twinx()
+            twin.plot(sel["layer"], sel["ablation_harmful"], color="tab:brown", linestyle="--", marker="x",
+                      markersize=4, label="validation harmful log-odds, ablated")
+            twin.axhline(direction.selection.clean_harmful, color="tab:brown", linewidth=0.6, linestyle=":")
+            twin.set_ylabel("refusal log-odds (ablated)")
+            handles = ax_dir.get_legend_handles_labels()[0] + twin.get_legend_handles_labels()[0]
+            ax_dir.legend(handles=handles, fontsize=7, loc="center right")
+        ax_dir.set_title(f"{spec}: refusal direction per layer")
+        ax_dir.set_xlabel("layer")
+        ax_dir.set_ylabel("AUROC harmful vs benign (test)")
+        ax.set_title(f"{spec}: last-position patching, mean fraction of the refusal gap moved")
+        ax.set_xlabel("layer")
+        ax.set_ylabel("fraction of clean gap")
+        ax.legend(fontsize=7, ncol=2, loc="upper left")
     return fig

@@ -1,7 +1,9 @@
 """The localisations of the safety layers side by side: the existence analysis's gap onset and
 plateau, the scaling search's range, the activation-patching profile and the refusal direction's
 best layer, as one table (``Localisation`` rows), one plot and a statement computed from the
-numbers of where they agree (``analyses.causal`` writes them)."""
+numbers of where they agree (``analyses.causal`` writes them; ``analyses.plots.plot_causal``
+draws them).  Each row carries a ``kind`` (what it localises, for the code) beside its ``method``
+(the label a reader sees), so the prose never parses a label."""
 
 from __future__ import annotations
 
@@ -9,7 +11,6 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import pandas as pd
-from matplotlib.figure import Figure
 
 from interp.direction import DirectionResult
 from interp.export import LocatedRange
@@ -40,11 +41,16 @@ class GapOnset:
 # --- the table ---------------------------------------------------------------------------------
 
 
+KINDS = ("gap", "scaling", "resid_band", "attn_peak", "mlp_peak", "direction")
+
+
 @dataclass
 class Localisation:
     """One localisation of one model: a layer interval (``start``..``end``), a single layer
-    (``point``), or neither when the method found nothing."""
+    (``point``), or neither when the method found nothing.  ``kind``: one of ``KINDS``;
+    ``patch_direction``: for a residual band, which way it patched (``DIRECTIONS``)."""
 
+    kind: str
     model: str
     method: str
     source: str
@@ -55,6 +61,7 @@ class Localisation:
     value: float | None = None
     threshold: float | None = None
     detail: str = ""
+    patch_direction: str | None = None
 
     @property
     def interval(self) -> tuple[int, int] | None:
@@ -93,15 +100,15 @@ def localisations(spec: str, gap: GapOnset | None, located: LocatedRange | None,
     rows = []
     if gap is not None:
         if gap.range is not None:
-            rows.append(Localisation(spec, "gap onset-plateau", "existence (angle gap)", gap.range.start, gap.range.end,
+            rows.append(Localisation("gap", spec, "gap onset-plateau", "existence (angle gap)", gap.range.start, gap.range.end,
                                      layers=gap.range.layers, detail=f"onset {gap.onset}, plateau {gap.plateau}"))
         else:
-            rows.append(Localisation(spec, "gap onset-plateau", "existence (angle gap)",
+            rows.append(Localisation("gap", spec, "gap onset-plateau", "existence (angle gap)",
                                      detail=gap.reason or "no range"))
     if located is not None:
         stale = "" if located_current in (None, True) else "; made for other weights (stale)"
         initial = LayerRange(**located.record["initial_range"])
-        rows.append(Localisation(spec, "scaling search", "located.json", located.range.start, located.range.end,
+        rows.append(Localisation("scaling", spec, "scaling search", "located.json", located.range.start, located.range.end,
                                  layers=located.range.layers,
                                  detail=f"alpha {located.alpha:g}, initial {initial}{stale}"))
     if patching is not None:
@@ -112,12 +119,13 @@ def localisations(spec: str, gap: GapOnset | None, located: LocatedRange | None,
             start, end = _span(band)
             profile = patching.profile("resid_post", direction_name)
             rows.append(Localisation(
-                spec, f"patching resid >= {threshold:.0%} ({label})", "activation patching", start, end,
+                "resid_band", spec, f"patching resid >= {threshold:.0%} ({label})", "activation patching", start, end,
                 layers=band, value=float(np.nanmax(profile)) if not np.all(np.isnan(profile)) else None,
                 threshold=threshold,
                 detail=(f"layers {_runs(band)}" if band else f"no layer reaches {threshold:.0%}")
-                + f"; {patching.n_used}/{len(patching.pair_ids)} pairs with gap >= {patching.min_gap:g}"))
-        for site, label in (("attn_out", "attention output"), ("mlp_out", "MLP output")):
+                + f"; {patching.n_used}/{len(patching.pair_ids)} pairs with gap >= {patching.min_gap:g}",
+                patch_direction=direction_name))
+        for site, kind, label in (("attn_out", "attn_peak", "attention output"), ("mlp_out", "mlp_peak", "MLP output")):
             if site not in patching.sites or FORWARD not in patching.directions:
                 continue
             top = patching.top_layers(site, FORWARD)
@@ -125,7 +133,7 @@ def localisations(spec: str, gap: GapOnset | None, located: LocatedRange | None,
             peak = None if not top else patching.layers[int(np.nanargmax(profile))]
             start, end = _span(top)
             rows.append(Localisation(
-                spec, f"patching {label} peak", "activation patching", start, end, point=peak, layers=top,
+                kind, spec, f"patching {label} peak", "activation patching", start, end, point=peak, layers=top,
                 value=float(np.nanmax(profile)) if not np.all(np.isnan(profile)) else None,
                 detail=(f"peak layer {peak} ({np.nanmax(profile):.0%} of the gap); within half of it: {_runs(top)}"
                         if top else "no single layer recovers 5% of the gap")))
@@ -138,7 +146,7 @@ def localisations(spec: str, gap: GapOnset | None, located: LocatedRange | None,
             rates = (f"; refusal of test harmful {frame['clean', 'harmful']:.0%} -> "
                      f"{frame['ablation', 'harmful']:.0%} ablated, of test benign {frame['clean', 'benign']:.0%} -> "
                      f"{frame['addition', 'benign']:.0%} added")
-        rows.append(Localisation(spec, "refusal direction best layer", "difference of means (validation choice)",
+        rows.append(Localisation("direction", spec, "refusal direction best layer", "difference of means (validation choice)",
                                  layer, layer, point=layer, layers=[layer], value=float(sep.loc[layer, "auroc"]),
                                  detail=f"test AUROC {sep.loc[layer, 'auroc']:.2f}{rates}"))
     return rows
@@ -146,7 +154,7 @@ def localisations(spec: str, gap: GapOnset | None, located: LocatedRange | None,
 
 def table(rows: list[Localisation]) -> pd.DataFrame:
     """The rows as a frame (layer columns as nullable integers, ``layers`` as runs: "16-29")."""
-    frame = pd.DataFrame([r.to_dict() for r in rows])
+    frame = pd.DataFrame([r.to_dict() for r in rows]).drop(columns=["kind", "patch_direction"])
     for column in ("start", "end", "point"):
         frame[column] = frame[column].astype("Int64")
     frame["layers"] = [_runs(r.layers) for r in rows]
@@ -156,7 +164,7 @@ def table(rows: list[Localisation]) -> pd.DataFrame:
 # --- the statement -----------------------------------------------------------------------------
 
 
-def _fmt(interval: tuple[int, int]) -> str:
+def fmt_interval(interval: tuple[int, int]) -> str:
     return f"layer {interval[0]}" if interval[0] == interval[1] else f"[{interval[0]},{interval[1]}]"
 
 
@@ -176,22 +184,23 @@ def relation(a: tuple[int, int], b: tuple[int, int]) -> str:
     if a[0] > b[1]:
         gap = a[0] - b[1]
         return f"{'lies' if single else 'starts'} {gap} layer{'s' if gap > 1 else ''} after"
-    return f"overlaps (on {_fmt((max(a[0], b[0]), min(a[1], b[1])))})"
+    return f"overlaps (on {fmt_interval((max(a[0], b[0]), min(a[1], b[1])))})"
 
 
 SHORT_NAMES = {
-    "gap onset-plateau": "the gap range",
-    "scaling search": "the scaling-located range",
-    "patching attention output peak": "the attention-output peak",
-    "patching MLP output peak": "the MLP-output peak",
-    "refusal direction best layer": "the direction's layer",
+    "gap": "the gap range",
+    "scaling": "the scaling-located range",
+    "attn_peak": "the attention-output peak",
+    "mlp_peak": "the MLP-output peak",
+    "direction": "the direction's layer",
 }
+BAND_NAMES = {FORWARD: "the residual band (harmful into benign)", REVERSE: "the residual band (benign into harmful)"}
 
 
-def short_name(method: str) -> str:
-    if method.startswith("patching resid"):
-        return "the residual band (" + method.split("(")[1]
-    return SHORT_NAMES.get(method, method)
+def short_name(row: Localisation) -> str:
+    if row.kind == "resid_band":
+        return BAND_NAMES[row.patch_direction]
+    return SHORT_NAMES[row.kind]
 
 
 def _common(intervals: list[tuple[int, int]]) -> tuple[int, int] | None:
@@ -204,25 +213,23 @@ def agreement_statement(rows: list[Localisation]) -> str:
     if not rows:
         return ""
     spec = rows[0].model
-    by = {r.method: r for r in rows}
+    by = {r.kind: r for r in rows if r.kind != "resid_band"}
     found = [r for r in rows if r.interval is not None]
-    gap = next((r for r in rows if r.method == "gap onset-plateau"), None)
-    located = next((r for r in rows if r.method == "scaling search"), None)
-    resid = next((r for r in rows if r.method.startswith("patching resid") and "(harmful into" in r.method), None)
-    reverse = next((r for r in rows if r.method.startswith("patching resid") and "(benign into" in r.method), None)
-    direction = by.get("refusal direction best layer")
+    gap, located, direction = by.get("gap"), by.get("scaling"), by.get("direction")
+    bands = {r.patch_direction: r for r in rows if r.kind == "resid_band"}
+    resid, reverse = bands.get(FORWARD), bands.get(REVERSE)
     refs = [(name, r.interval) for name, r in (("the gap range", gap), ("the scaling-located range", located))
             if r is not None and r.interval is not None]
     sentences = []
     if gap is not None and gap.interval is None:
         sentences.append(f"On {spec} the existence analysis found no gap onset ({gap.detail}).")
     elif gap is not None:
-        sentences.append(f"On {spec} the angle gap rises over {_fmt(gap.interval)} ({gap.detail}).")
+        sentences.append(f"On {spec} the angle gap rises over {fmt_interval(gap.interval)} ({gap.detail}).")
     if located is not None and gap is not None and gap.interval is not None:
-        sentences.append(f"The scaling-located range {_fmt(located.interval)} "
+        sentences.append(f"The scaling-located range {fmt_interval(located.interval)} "
                          f"{relation(located.interval, gap.interval)} the gap range.")
     elif located is not None:
-        sentences.append(f"The scaling search located {_fmt(located.interval)}.")
+        sentences.append(f"The scaling search located {fmt_interval(located.interval)}.")
 
     def against(interval) -> str:
         return " and ".join(f"{relation(interval, ref)} {name}" for name, ref in refs)
@@ -240,9 +247,8 @@ def agreement_statement(rows: list[Localisation]) -> str:
             sentences.append(f"Writing {what} at the last prompt position moves the refusal log-odds at least "
                              f"{threshold} of the way across the clean gap at layers {_runs(row.layers)}"
                              + (f"; that band {where}." if where else "."))
-    for method, what in (("patching attention output peak", "attention output"),
-                         ("patching MLP output peak", "MLP output")):
-        row = by.get(method)
+    for kind, what in (("attn_peak", "attention output"), ("mlp_peak", "MLP output")):
+        row = by.get(kind)
         if row is None:
             continue
         if row.point is None:
@@ -258,12 +264,12 @@ def agreement_statement(rows: list[Localisation]) -> str:
                            + " the residual band (harmful into benign)")
         sentences.append(f"The refusal direction's best layer, {direction.point} (chosen on validation pairs)"
                          + (", " + ", and ".join(clauses) if clauses else "") + ".")
-    intervals = [(r.method, r.interval) for r in found]
+    intervals = [(short_name(r), r.interval) for r in found]
     if len(intervals) >= 2:
         common = _common([i for _, i in intervals])
         if common is not None:
-            sentences.append(f"All {len(intervals)} localisations ({', '.join(short_name(n) for n, _ in intervals)}) "
-                             f"share {_fmt(common)}.")
+            sentences.append(f"All {len(intervals)} localisations ({', '.join(n for n, _ in intervals)}) "
+                             f"share {fmt_interval(common)}.")
         else:
             best = None
             for i, (name_a, a) in enumerate(intervals):
@@ -275,13 +281,13 @@ def agreement_statement(rows: list[Localisation]) -> str:
                       range(min(i[0] for _, i in intervals), max(i[1] for _, i in intervals) + 1)}
             most = max(counts.values())
             layers = [layer for layer, c in counts.items() if c == most]
-            meet = ", ".join(short_name(name) for name, i in intervals if i[0] <= layers[0] <= i[1])
+            meet = ", ".join(name for name, i in intervals if i[0] <= layers[0] <= i[1])
             if len(layers) > 1:
                 meet = f"at layer {layers[0]}: {meet}"
             sentences.append(f"No layer lies in all {len(intervals)} localisations; at most {most} of them meet, at "
                              f"layer{'s' if len(layers) > 1 else ''} {_runs(layers)} ({meet}"
-                             + (f"; the widest pairwise overlap is {short_name(best[0])} with {short_name(best[1])}, "
-                                f"on {_fmt(best[2])})." if best else ")."))
+                             + (f"; the widest pairwise overlap is {best[0]} with {best[1]}, "
+                                f"on {fmt_interval(best[2])})." if best else ")."))
     return " ".join(sentences)
 
 
@@ -303,56 +309,3 @@ def generation_statement(generation: PatchedGeneration | None) -> str:
     return (f"By generation, on the {n} pairs whose harmful request is refused and benign request answered, writing "
             f"the harmful residual into the benign prompt's last position during the prefill turns the benign answer "
             f"into a refusal in {listed}{first}.")
-
-
-# --- the plot ----------------------------------------------------------------------------------
-
-
-def plot_causal(models: list[dict], threshold: float = 0.5) -> Figure:
-    """Per model: the patching profiles (fraction of the refusal gap, per layer and site) with
-    the gap range, the scaling-located range and the direction's best layer marked; beside it
-    the direction's test AUROC per layer."""
-    fig = Figure(figsize=(13, 3.8 * len(models)), layout="constrained")
-    axes = fig.subplots(len(models), 2, squeeze=False, width_ratios=[2, 1])
-    styles = {"resid_post": "tab:blue", "attn_out": "tab:orange", "mlp_out": "tab:green"}
-    for (ax, ax_dir), entry in zip(axes, models):
-        spec, patching, direction, rows = entry["spec"], entry["patching"], entry["direction"], entry["rows"]
-        for row in rows:
-            if row.method == "gap onset-plateau" and row.interval:
-                ax.axvspan(row.start - 0.5, row.end + 0.5, color="grey", alpha=0.15,
-                           label=f"gap range {_fmt(row.interval)}")
-            if row.method == "scaling search":
-                ax.axvspan(row.start - 0.5, row.end + 0.5, color="tab:red", alpha=0.15,
-                           label=f"scaling-located {_fmt(row.interval)}")
-        if patching is not None:
-            for site in patching.sites:
-                for direction_name, style in ((FORWARD, "-"), (REVERSE, "--")):
-                    if direction_name in patching.directions:
-                        ax.plot(patching.layers, patching.profile(site, direction_name), style,
-                                color=styles.get(site, None), marker="o" if style == "-" else None, markersize=3,
-                                label=f"{site}, {direction_name}")
-        ax.axhline(threshold, color="black", linewidth=0.6, linestyle=":")
-        ax.axhline(0, color="grey", linewidth=0.5)
-        if direction is not None:
-            ax.axvline(direction.layer, color="tab:purple", linewidth=1.5, label=f"direction's layer {direction.layer}")
-            sep = direction.separation
-            ax_dir.plot(sep["layer"], sep["auroc"], color="tab:purple", marker="o", markersize=3, label="test AUROC")
-            ax_dir.axvline(direction.layer, color="tab:purple", linewidth=1.5)
-            ax_dir.set_ylim(0.4, 1.02)
-            ax_dir.axhline(0.5, color="grey", linewidth=0.5)
-            sel = direction.selection.table
-            twin = ax_dir.twinx()
-            twin.plot(sel["layer"], sel["ablation_harmful"], color="tab:brown", linestyle="--", marker="x",
-                      markersize=4, label="validation harmful log-odds, ablated")
-            twin.axhline(direction.selection.clean_harmful, color="tab:brown", linewidth=0.6, linestyle=":")
-            twin.set_ylabel("refusal log-odds (ablated)")
-            handles = ax_dir.get_legend_handles_labels()[0] + twin.get_legend_handles_labels()[0]
-            ax_dir.legend(handles=handles, fontsize=7, loc="center right")
-        ax_dir.set_title(f"{spec}: refusal direction per layer")
-        ax_dir.set_xlabel("layer")
-        ax_dir.set_ylabel("AUROC harmful vs benign (test)")
-        ax.set_title(f"{spec}: last-position patching, mean fraction of the refusal gap moved")
-        ax.set_xlabel("layer")
-        ax.set_ylabel("fraction of clean gap")
-        ax.legend(fontsize=7, ncol=2, loc="upper left")
-    return fig
