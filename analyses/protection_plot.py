@@ -32,11 +32,13 @@ def plot_profile(profile: pd.DataFrame, bands: dict, located: LayerRange, landsc
         stat = seeds_interval([r.final[PRIMARY] for r in records])
         ax.axhspan(100 * stat["lo"], 100 * stat["hi"], color=colour, alpha=0.15)
         ax.axhline(100 * stat["mean"], color=colour, lw=1.2, label=f"{label} ({stat['n_seeds']} seeds)")
-    ax.axvspan(located.start - 0.5, located.end + 0.5, color="tab:red", alpha=0.12, label=f"located {located}")
+    here = profile[profile["located"]]
+    ax.plot((here["start"] + here["end"]) / 2, 100 * here[PRIMARY], "*", color="tab:red", ms=16, zorder=5,
+            label=f"located {located}")
     if landscape is not None and landscape != located:
-        ax.axvspan(landscape.start - 0.5, landscape.end + 0.5, color="tab:purple", alpha=0.08,
+        ax.axvline((landscape.start + landscape.end) / 2, color="tab:purple", ls="--", lw=1,
                    label=f"landscape winner {landscape}")
-    ax.set_xlabel("frozen window (layers)")
+    ax.set_xlabel("frozen window's centre layer")
     ax.set_ylabel("R_h after the attack, AdvBench test (%)")
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=8, loc="best")

@@ -276,9 +276,11 @@ def test_two_workers_give_the_runs_one_worker_gives(tiny_dir, tmp_path, monkeypa
 
 
 def _records(rng, mode, seeds, p, n=260, data="implicit"):
-    return [RunRecord(data, mode, s, 1e-4, {}, final={"advbench_test": list(rng.random(n) < p),
-                                                     "paired_harmful_test": list(rng.random(120) < p),
-                                                     "xstest_unsafe": list(rng.random(200) < p)},
+    def draw(k):
+        return [bool(x) for x in rng.random(k) < p]
+
+    return [RunRecord(data, mode, s, 1e-4, {}, final={"advbench_test": draw(n), "paired_harmful_test": draw(120),
+                                                     "xstest_unsafe": draw(200)},
                       train={"frozen_elements": 7}) for s in seeds]
 
 
@@ -323,3 +325,38 @@ def test_cli_rejects_bad_input(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["--profile", "--layers", "13,14", "--attack-csv", str(tmp_path / "a.csv")])
     assert "left room" in capsys.readouterr().err
+
+
+def test_report_tabulates_synthetic_runs_and_draws_the_profile(tiny_dir, tmp_path, capsys):
+    """Run files written here (no training): the report finds them by their settings, ranks the
+    located window among the profile's and writes its tables and figure."""
+
+    from analyses.protection import main
+    from finetune.study import run_key
+
+    spec, safety, out = str(tiny_dir), LayerRange(1, 2), tmp_path / "out"
+    attack = {"chosen": {"steps": 4, "lr": 1e-3}, "stride": {"stride": 1}}
+    (tmp_path / "attack.json").write_text(json.dumps(attack))
+    full, lean = P.full_config(4, 1e-3), P.lean_config(4, 1e-3)
+    rng = np.random.default_rng(3)
+    rates = {"window0-1": 0.5, "window1-2": 0.2, "window2-3": 0.4, "random": 0.45, "heads": 0.3, "critical_pp": 0.35}
+    written = [(lean, r) for mode, p in rates.items() for r in _records(rng, mode, range(3), p)]
+    written += [(full, r) for mode, p in (("full", 0.6), ("sppft", 0.25)) for r in _records(rng, mode, range(5), p)]
+    for config, record in written:
+        settings = {"spec": spec, "fingerprint": "x", "safety": str(safety), "config": run_key(config), "train_hash": "h"}
+        S.save_record(S.run_path(out, record.data, record.mode, record.seed), json.loads(json.dumps(settings)), record)
+    result = main(["--report", "--model", spec, "--layers", "1,2", "--out", str(out),
+                   "--attack-csv", str(tmp_path / "attack.csv"), "--landscape", "2,3"])
+    profile = result["profile"]
+    assert list(profile.window) == ["[0,1]", "[1,2]", "[2,3]"] and list(profile.located) == [False, True, False]
+    reading = json.loads((out / "reading.json").read_text())
+    assert reading["profile"]["rank"] == 1 and reading["profile"]["p"] == pytest.approx(1 / 3)
+    assert reading["profile"]["best_window"] == "[2,3]" and reading["no_neighbour_n"] == 178
+    # SPPFT is below full and ranks first, but at stride 1 reading 1 also needs p <= 0.05, which 3
+    # windows cannot give, and the median window is 15 points above SPPFT, so reading 2 fails too
+    assert reading["sppft_below_full"] and reading["readings"] == ["not decided at this size"]
+    controls = result["controls"]
+    assert sorted(set(controls.control)) == sorted(P.CONTROLS) and len(controls) == 12
+    np.testing.assert_allclose(controls.cmh_p_holm, holm(controls.cmh_p.to_numpy()))
+    for name in ("primary.csv", "profile.csv", "controls.csv", "protection.png"):
+        assert (out / name).is_file(), name
