@@ -13,7 +13,8 @@ It refuses to start when the quality rule cannot be met (the quality pairs' refe
 unattacked model's own answers, so its ROUGE-L is 1); ``--min-rouge`` then takes an absolute floor
 that an amended PLAN.md names.
 Step 2 reads that file: ``--primary`` full fine-tuning and SPPFT on the located window (seeds 0-4,
-dose curve and audit); ``--profile`` every window (seeds 0-2, final R_h only); ``--controls``
+dose curve and audit); ``--profile`` every window (seeds 0-2, final R_h only; with ``--landscape`` of another size, that
+range too, as an extra row outside the permutation test); ``--controls``
 random units, every head, critical units per parameter (seeds 0-2, final R_h only);
 ``--secondary`` the profile's best window with dose curve and audit, and full, SPPFT and the best
 window on D_N (seeds 0-2).  ``--report`` tabulates whatever has finished: ``primary.csv`` (SPPFT -
@@ -204,8 +205,11 @@ def primary_table(records, no_neighbour: list[int], data: str = "implicit", mode
 
 
 def profile_table(records, safety: LayerRange, no_neighbour: list[int]) -> pd.DataFrame:
+    """Per window of the located range's size (a landscape winner of another size is left out of
+    the profile and its test): mean R_h per outcome over seeds, the primary one with its interval."""
     rows = []
-    for mode in sorted({r.mode for r in records if P.parse_window(r.mode)}, key=lambda m: P.parse_window(m).start):
+    sized = {r.mode for r in records if P.parse_window(r.mode) and len(P.parse_window(r.mode)) == len(safety)}
+    for mode in sorted(sized, key=lambda m: P.parse_window(m).start):
         window = P.parse_window(mode)
         seeds = common_seeds(records, "implicit", mode)
         row = {"window": str(window), "start": window.start, "end": window.end, "located": window == safety,
@@ -296,7 +300,8 @@ def main(argv=None) -> dict:
     if args.primary:
         P.run_tasks(args.model, safety, P.primary_tasks(args.out, full), before=True, **run)
     if args.profile:
-        P.run_tasks(args.model, safety, P.profile_tasks(args.out, lean, profile_windows), **run)
+        extra = [args.landscape] if args.landscape is not None and len(args.landscape) != len(safety) else []
+        P.run_tasks(args.model, safety, P.profile_tasks(args.out, lean, profile_windows + extra), **run)
     if args.controls:
         P.run_tasks(args.model, safety, P.control_tasks(args.out, lean), **run)
     if args.secondary:
@@ -330,6 +335,11 @@ def report(args, safety: LayerRange, full, lean) -> dict:
     bands = {label: [r for r in records if r.data == "implicit" and r.mode == mode]
              for label, mode, records in (("full", "full", full_records), ("SPPFT", "sppft", full_records),
                                           *((c, c, lean_records) for c in P.CONTROLS))}
+    if args.landscape is not None and len(args.landscape) != len(safety):
+        extra = [r for r in lean_records if r.mode == P.window_mode(args.landscape)]
+        if extra:
+            verdict["landscape_row"] = {"window": str(args.landscape), "seeds": len(extra),
+                                        "R_h": float(np.mean([np.mean(r.final[P.PRIMARY]) for r in extra]))}
     written = [atomic_write_csv(args.out / "primary.csv", pd.concat([primary, normal])),
                atomic_write_csv(args.out / "profile.csv", profile), atomic_write_csv(args.out / "controls.csv", controls),
                atomic_write_json(args.out / "reading.json", {**verdict, "no_neighbour_n": len(no_neighbour)})]

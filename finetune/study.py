@@ -233,8 +233,8 @@ def run_one(spec: str, safety, data_name: str, mode: str, seed: int, config: Stu
         max_length=config.max_length, train_on_inputs=config.train_on_inputs, seed=seed, warmup=0.1,
         save_strategy="no", keep_checkpoints=False, progress=False,
     )
-    dose = dose_prompts(config.dose_limit, config.harmful_sets)
     steps = {s for s in config.eval_steps if 0 < s <= config.steps}
+    dose = dose_prompts(config.dose_limit, config.harmful_sets) if steps else {}
     result = train(model, examples, train_mode, layers=layers, out_dir=out / "runs" / record.name, config=train_config,
                    element_masks=element_masks, callbacks=[_dose_callback(model, dose, steps, record)])
     record.train = {"seconds": round(result.seconds, 1), "steps": result.steps, "train_loss": result.train_loss,
