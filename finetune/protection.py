@@ -281,9 +281,9 @@ def run_seconds(row: dict, requests: int, extra_requests: int = 0) -> float:
 
 
 def projected_hours(row: dict, n_windows: int, workers: int = 2, final_requests: int = 580,
-                    full_extra_requests: int = 4 * 3 * 60 + 128 + 3 * 40 + 240) -> float:
+                    full_extra_requests: int = 3 * 3 * 60 + 128 + 3 * 40 + 240) -> float:
     """Step 2's hours at ``workers`` runs at a time: lean runs score the three harmful sets (580
-    requests); full runs also score four dose points of 3 x 60 requests, 128 R_o prompts, 40 quality
+    requests); full runs also score three dose points of 3 x 60 requests, 128 R_o prompts, 40 quality
     answers (counted as three requests each: 96 tokens against 32) and an existence pass (about
     240 requests' worth)."""
     counts = study_run_counts(n_windows)

@@ -227,7 +227,7 @@ def test_the_attack_rule_takes_the_cheapest_qualifying_cell():
 
 def test_the_stride_follows_the_projected_hours():
     row = _cell(64, 1e-4, 0.6, 0.4)  # 400 s of training, 1 s per scored request
-    lean, full = 400 + 580, 400 + 580 + 720 + 128 + 120 + 240
+    lean, full = 400 + 580, 400 + 580 + 540 + 128 + 120 + 240
     hours = lambda windows: ((3 * windows + 9) * lean + 22 * full) / 2 / 3600  # noqa: E731
     decision = P.choose_stride(row, 30, LayerRange(13, 14))
     assert decision["hours_stride1"] == round(hours(29), 2) and decision["hours_stride2"] == round(hours(14), 2)
