@@ -10,6 +10,8 @@ D_o with a bootstrap, where the bound searches land on it, and the split-half ch
    ``--alpha`` (and, with ``--alpha-rule std``, also at the α the paper's std rule picks from the
    first start: App. A.3.4, steps of ``--alpha-step`` until the lower-bound sweep's std reaches
    ``--target-std``), written start by start to ``landscape-a<alpha>.csv`` (a rerun resumes).
+   On two cores, two processes with ``--landscape-part 1/2`` and ``2/2`` (one torch thread each)
+   measure half the ranges each; the command without it then merges their files and goes on.
 2. The paper's bound search from each start, run on the landscape's values (no new generation),
    and the rank of its result among all ranges: ``starts-rank.csv``.
 3. The ``--confirm-top`` best ranges confirmed on the D_o selection (``--limit``/``--sample``;
@@ -45,6 +47,7 @@ from interp.landscape import (
     choose_alpha_std,
     global_location,
     landscape,
+    part_starts,
     rank_of,
     split_stability,
 )
@@ -67,6 +70,9 @@ def add_landscape_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--alpha-rule", choices=("fixed", "std"), default="fixed",
                        help="std: also the landscape at the alpha of the paper's std rule (App. A.3.4), "
                             "and locate there")
+    group.add_argument("--landscape-part", default=None, metavar="K/N",
+                       help="measure only part K of N of the coarse landscape's starts (balanced by ranges) and stop; "
+                            "run N such processes (e.g. one per core), then the command without it to merge and go on")
     group.add_argument("--allow-below-unscaled", action="store_true",
                        help="export the winner even if its R_o is below the unscaled model's")
 
@@ -102,12 +108,25 @@ def _located_result(location, n_layers: int) -> BoundSearch:
     return BoundSearch(win, alpha, float(location.unscaled), upper, lower, win, n_layers)
 
 
+def parse_part(text: str | None) -> tuple[int, int] | None:
+    if text is None:
+        return None
+    try:
+        part, n_parts = (int(p) for p in text.split("/"))
+    except ValueError:
+        raise UsageError(f"--landscape-part {text!r}: write it as K/N, e.g. 1/2") from None
+    if not 1 <= part <= n_parts:
+        raise UsageError(f"--landscape-part {text!r}: K must be in 1..N")
+    return part, n_parts
+
+
 def run_landscape(args, model, queries: list[str]) -> dict:
     """Steps 1-5 of the module docstring; ``queries``: the D_o selection to confirm on."""
     out = Path(args.out)
     n_layers = model.n_layers
     if args.confirm_top < 0:
         raise UsageError(f"--confirm-top must be >= 0, got {args.confirm_top}")
+    part = parse_part(getattr(args, "landscape_part", None))
     coarse = over_rejection_prompts(args.landscape_limit, "spread")
     components = tuple(getattr(args, "components", None) or ())
     common = dict(max_new_tokens=args.max_new_tokens, batch_size=getattr(args, "batch_size", None))
@@ -129,7 +148,16 @@ def run_landscape(args, model, queries: list[str]) -> dict:
         alphas = list(dict.fromkeys([choice.alpha, args.alpha]))
     frames = {}
     for alpha in alphas:
-        frames[alpha] = landscape(model, coarse, alpha, path=out / f"landscape-a{alpha:g}.csv", **common)
+        name = f"landscape-a{alpha:g}"
+        if part is not None:
+            path = out / f"{name}.part{part[0]}of{part[1]}.csv"
+            landscape(model, coarse, alpha, path=path, starts=part_starts(n_layers, *part), **common)
+            print(f"wrote {path} (part {part[0]} of {part[1]}); run without --landscape-part once every part is done")
+            continue
+        frames[alpha] = landscape(model, coarse, alpha, path=out / f"{name}.csv",
+                                  also_from=sorted(out.glob(f"{name}.part*of*.csv")), **common)
+    if part is not None:
+        return {"part": list(part), "alphas": alphas}
     alpha = alphas[0]  # the rule's alpha when there is one, else --alpha
     frame = frames[alpha]
     paths, starts = _paths(frame, initials, n_layers, args) if initials else ({}, pd.DataFrame())

@@ -310,10 +310,12 @@ def _read_done(path: Path, meta: dict) -> pd.DataFrame | None:
 def landscape(model, queries: list[str], alpha: float, *, path: str | Path | None = None, components=ALL_COMPONENTS,
               starts: Iterable[int] | None = None, batch_size: int | None = None,
               max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, judge=DEFAULT_JUDGE, progress: bool = True,
-              evaluator: LandscapeEvaluator | None = None) -> pd.DataFrame:
+              evaluator: LandscapeEvaluator | None = None, also_from: Iterable[str | Path] = ()) -> pd.DataFrame:
     """R_o of every range ``[i, j]`` (``starts``: only those starts) at ``alpha`` on ``queries``,
     one row per range (``COLUMNS``).  With ``path`` (a CSV) each start's rows are written as
-    soon as they are all measured, and a rerun measures only the starts not yet there."""
+    soon as they are all measured, and a rerun measures only the starts not yet there.
+    ``also_from``: other landscape files of the same settings (e.g. the parts that processes
+    given ``part_starts`` wrote) whose complete starts count as done and join the table."""
     alpha = check_alpha(alpha)
     if alpha == 1.0:
         raise ValueError("alpha must differ from 1: every range would equal the unscaled model")
@@ -323,9 +325,20 @@ def landscape(model, queries: list[str], alpha: float, *, path: str | Path | Non
     meta = landscape_meta(model, queries, alpha, components, max_new_tokens, judge)
     done = _read_done(path, meta) if path is not None else None
     frame = done if done is not None else pd.DataFrame(columns=COLUMNS)
+    merged = False
+    for other in also_from:
+        part = _read_done(Path(other), meta)
+        if part is None:
+            continue
+        merged = True
+        complete = [i for i in part["start"].unique() if (part["start"] == i).sum() == n_layers - i]
+        frame = pd.concat([frame[~frame["start"].isin(complete)], part[part["start"].isin(complete)]],
+                          ignore_index=True)
     todo = [i for i in starts if not ((frame["start"] == i).sum() == n_layers - i)]
     if path is not None:
         atomic_write_json(path.with_suffix(".meta.json"), meta)
+        if merged:
+            atomic_write_csv(path, _sorted(frame, None))
     if not todo:
         return _sorted(frame, starts)
     evaluator = evaluator or LandscapeEvaluator(model, queries, batch_size=batch_size, max_new_tokens=max_new_tokens,
@@ -350,6 +363,19 @@ def landscape(model, queries: list[str], alpha: float, *, path: str | Path | Non
             atomic_write_csv(path, _sorted(frame, None))
     bar.close()
     return _sorted(frame, starts)
+
+
+def part_starts(n_layers: int, part: int, n_parts: int) -> list[int]:
+    """The starts process ``part`` (1-based) of ``n_parts`` measures: starts taken largest first
+    (start ``i`` has ``n_layers - i`` ranges) by whichever part has the fewest ranges so far, so
+    the parts' work is balanced; together the parts cover every start once."""
+    if not 1 <= part <= n_parts:
+        raise ValueError(f"part must be in 1..{n_parts}, got {part}")
+    loads, owner = [0] * n_parts, {}
+    for i in range(n_layers):  # start 0 has the most ranges
+        k = min(range(n_parts), key=lambda p: (loads[p], p))
+        owner[i], loads[k] = k + 1, loads[k] + n_layers - i
+    return [i for i in range(n_layers) if owner[i] == part]
 
 
 def _sorted(frame: pd.DataFrame, starts) -> pd.DataFrame:
