@@ -18,9 +18,9 @@ from interp.direction import (
     separation_from_acts,
 )
 from interp.hooks import hook_name
-from interp.stats import auroc
 from interp.models import single_thread
 from interp.patching import prompt_log_odds
+from interp.stats import auroc
 
 
 @pytest.fixture(scope="module", autouse=True)
