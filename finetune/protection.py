@@ -374,7 +374,7 @@ def _run_task(spec: str, safety: LayerRange, task: Task, pairs: dict, settings: 
     record = run_one(spec, safety, task.data, task.mode, task.seed, task.config, task.out, pairs)
     record.train["wall_seconds"] = round(time.perf_counter() - start, 1)
     save_record(task.path, settings, record)
-    return {"name": record.name, "seconds": record.train["wall_seconds"],
+    return {"name": f"{task.out.name}/{record.name}", "seconds": record.train["wall_seconds"],
             "R_h": {k: sum(v) / len(v) for k, v in record.final.items()}}
 
 
