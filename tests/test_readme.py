@@ -77,11 +77,13 @@ def test_quick_start_on_the_embedded_model_runs(embedded, monkeypatch, capsys):
         assert scaled == sum(is_refusal(t) for t in interp.generate(embedded, queries, max_new_tokens=16))
 
 
-def test_quick_start_on_your_own_model_runs(tiny_dir, tmp_path, monkeypatch):
+def test_quick_start_on_your_own_model_runs(tmp_path, monkeypatch):
     import interp
     from finetune.masks import named_parameters
     from interp.models import load_model
+    from tests.conftest import build_tiny_llama
 
+    tiny_dir = build_tiny_llama(tmp_path / "tiny-llama", n_layers=8)  # the onset rule needs more than 6 layers
     monkeypatch.chdir(tmp_path)
     code = python_blocks(README)[1].replace(USER_MODEL, str(tiny_dir))
     namespace: dict = {}
@@ -98,7 +100,8 @@ def test_quick_start_on_your_own_model_runs(tiny_dir, tmp_path, monkeypatch):
     assert inside and all(torch.equal(fresh[n], trained[n]) for n in inside)
     assert any(not torch.equal(fresh[n], trained[n]) for n in outside)
     assert set(namespace["run_sppft"].frozen) >= set(inside)
-    assert interp.load_located(path, model).range == located.range
+    with pytest.raises(interp.LocatedRangeError, match="other weights"):  # fine-tuned: no longer the located weights
+        interp.load_located(path, model)
 
 
 # ---------------------------------------------------------------- files and numbers
@@ -143,6 +146,8 @@ def test_results_table_equals_the_safety_reports():
 
 
 def test_results_table_equals_existence_location_and_protection_files():
+    from interp.judge import DEFAULT_JUDGE
+
     rows = table_rows(README)
     cell = lambda prefix: next(v for k, v in rows.items() if k.startswith(prefix))[0]  # noqa: E731
     band = json.loads((ROOT / "docs/existence/existence.json").read_text())["paired"]["comparison"]["bands"]
@@ -158,7 +163,8 @@ def test_results_table_equals_existence_location_and_protection_files():
     assert cell("AdvBench answered after 16 steps") == expected
     # the judge that counted the safety reports, and its accuracy as the judge report gives it
     name = json.loads((ROOT / "docs/safety/embedded/summary.json").read_text())["settings"]["judge"]["judge"]
-    accuracy = json.loads((ROOT / "docs/judge/judge.json").read_text())["judges"][name]["binary_accuracy"]
+    judges = json.loads((ROOT / "docs/judge/judge.json").read_text())["judges"]
+    accuracy = judges["project" if name == DEFAULT_JUDGE.describe()["judge"] else name]["binary_accuracy"]  # the report calls the default "project"
     assert f"default judge ({pct(accuracy)} accurate on hand-labelled responses" in README
 
 
