@@ -106,7 +106,7 @@ class LearnedJudge:
         scores = self.scores(text)
         label = LABELS[max(range(len(LABELS)), key=scores.__getitem__)]
         if label == "compliance":
-            cues = read_cues(text)
+            cues = read_cues(text, weak=())
             if _STRONG_ONLY._first_strong(cues) is not None:
                 return _STRONG_ONLY.label(cues)
         return label
