@@ -22,6 +22,11 @@ first-step bound proves cannot win skipped), ``generation`` (every candidate gen
 of R_o over the lower-bound sweep reaches ``--target-std``, by default 17.5 per 721 queries).
 ``--components paper-code`` leaves ``o_proj`` unscaled, as the official code did (PAPER.md §2).
 
+``--landscape`` (``analyses.landscape``, ``interp.landscape``) replaces the local search by a global one:
+R_o of every range [i, j] on ``--landscape-limit`` spread queries, the best ``--confirm-top`` confirmed
+on the ``--limit`` selection (all of D_o by default) with a bootstrap probability of being best, a
+split-half check, and each start's bound search replayed on the table with the rank of its result.
+
 Writes under ``--out``: ``located.json`` (``interp.export``; read by fine-tuning), ``sweeps.csv``,
 ``sweeps.png`` and ``cache/ro_cache_*.json`` (every evaluated configuration, so an interrupted or
 widened run continues where it stopped; the starts of one run share it).
@@ -44,6 +49,7 @@ from analyses.cli import (
     parser_for,
     positive_int,
 )
+from analyses.landscape import add_landscape_options, run_landscape
 from analyses.plots import plot_sweeps
 from interp.data import prompts_hash
 from interp.export import export_located
@@ -171,6 +177,7 @@ def parse_args(argv=None):
     parser.add_argument("--out", type=Path, default=Path("results/locate"))
     parser.add_argument("--ship", action="store_true",
                         help="also copy located.json beside the shipped aligned adapter (interp.shipped_located)")
+    add_landscape_options(parser)
     args = parser.parse_args(argv)
     if args.ship and args.model != "embedded":
         raise UsageError("--ship is for the shipped aligned model (--model embedded) only")
@@ -179,10 +186,14 @@ def parse_args(argv=None):
     args.lower = parse_offsets(args.lower_offsets)
     if args.alpha <= 0 or args.alpha == 1:
         raise UsageError(f"--alpha must be > 0 and differ from 1, got {args.alpha}")
+    if args.landscape and args.confirm_top < 0:
+        raise UsageError(f"--confirm-top must be >= 0, got {args.confirm_top}")
     if args.all_bands and args.init:
         raise UsageError("--all-bands reads its starts from an existence file; use it with --init-from, not --init")
     if args.init:
         args.initials = list(dict.fromkeys(LayerRange.parse(text) for text in args.init))
+    elif args.landscape and not args.init_from:
+        args.initials = []  # the starts only replay the bound search on the landscape
     elif args.all_bands:
         args.initials = initials_from_existence(args.init_from or DEFAULT_EXISTENCE, args.model)
     else:
@@ -215,6 +226,8 @@ def main(argv=None) -> LocationRun:
         torch.set_num_threads(args.threads)
     queries = over_rejection_prompts(args.limit, args.sample)
     model = model_from(args)
+    if args.landscape:
+        return run_landscape(args, model, queries)
     alpha_rule = None
     if args.choose_alpha:
         target = args.target_std if args.target_std is not None else 17.5 * len(queries) / 721

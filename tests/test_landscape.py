@@ -303,3 +303,12 @@ def test_parts_cover_every_start_once_with_balanced_work_and_merge(tiny, tmp_pat
                        also_from=[tmp_path / "a.part1of2.csv", tmp_path / "a.part2of2.csv"], evaluator=object())
     assert merged.equals(pd.concat([one, two]).sort_values(["start", "end"]).reset_index(drop=True))
     assert pd.read_csv(tmp_path / "a.csv", dtype={"flags": str}).shape == (10, len(COLUMNS))
+
+
+def test_locate_cli_refuses_a_bad_landscape_option_before_loading_a_model(capsys):
+    from analyses.locate import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--model", "/no/such/model", "--landscape", "--confirm-top", "-1"])
+    assert exit_info.value.code == 2
+    assert "error: --confirm-top must be >= 0, got -1" in capsys.readouterr().err
