@@ -74,6 +74,7 @@ from interp.errors import SafetyLayersError
 from interp.estimate import FirstStep, refusal_opening_token_ids
 from interp.forward import PromptBatches, decoder_kwargs, decoder_of, last_logits, prefix_cache, resume_from_layer
 from interp.generation import decode_greedy
+from interp.hooks import hook_name
 from interp.io import atomic_write_csv, atomic_write_json
 from interp.judge import DEFAULT_JUDGE
 from interp.overrejection import DEFAULT_MAX_NEW_TOKENS, RoResult, auto_batch_size
@@ -122,7 +123,7 @@ def _recording(model, layers: Iterable[int], found: dict, lm) -> Iterator[None]:
                 found[k] = resid.detach().clone()
             return hook
 
-        with model.bridge.hooks(fwd_hooks=[(f"blocks.{k}.hook_resid_pre", make(k)) for k in layers]):
+        with model.bridge.hooks(fwd_hooks=[(hook_name("resid_pre", k), make(k)) for k in layers]):
             yield
         return
 
