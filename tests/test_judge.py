@@ -363,3 +363,18 @@ def test_shipped_judges_are_what_their_procedures_give_on_all_development_answer
     idf, model, names, _ = _fit([_blocks(t) for t in rows["response"]], list(rows["label"]), c)
     refit = _export(idf, model, names, c, len(rows), "learned")
     assert refit.describe() == DEFAULT_JUDGE.describe()
+
+
+def test_cli_scores_the_judges_and_refuses_unknown_ones(tmp_path, capsys):
+    import json
+
+    from analyses.judge import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--judges", "nonsense", "--out", str(tmp_path)])
+    assert exit_info.value.code == 2 and "unknown judge" in capsys.readouterr().err
+    record = main(["--no-lomo", "--out", str(tmp_path)])
+    written = json.loads((tmp_path / "judge.json").read_text())
+    assert written["default"] == DEFAULT_JUDGE.describe() and "leave_one_model_out" not in written
+    assert set(written["judges"]) == {"project", "whole", "opening", "gcg", "refusal_direction", "xstest"}
+    assert written["judges"]["project"]["binary_accuracy"] == record["judges"]["project"]["binary_accuracy"] >= 0.95
