@@ -60,9 +60,13 @@ def rich_outputs(nb) -> list[str]:
 ABSOLUTE_PATH = re.compile(r"(?<![\w.:/~-])/(?:tmp|root|home|work|usr|opt|var|private|Users|mnt|srv)/")
 
 
+TRAINER_LOG = re.compile(r"^\{'(?:loss|train_runtime|eval_\w+)': .*\}\n?", flags=re.M)
+"""The per-step dicts transformers' Trainer prints when its progress bar is off."""
+
+
 def clean_outputs(nb, roots: dict[str, str]) -> None:
-    """Drop stderr streams (progress bars, library warnings) and write each of ``roots``' paths as
-    its short name, in every output of ``nb`` (in place)."""
+    """Drop stderr streams (progress bars, library warnings) and the Trainer's per-step log lines,
+    and write each of ``roots``' paths as its short name, in every output of ``nb`` (in place)."""
 
     def tidy(text: str) -> str:
         for path, name in sorted(roots.items(), key=lambda kv: -len(kv[0])):
@@ -75,11 +79,11 @@ def clean_outputs(nb, roots: dict[str, str]) -> None:
         outputs = [o for o in cell.get("outputs", []) if not (o.get("output_type") == "stream" and o.get("name") == "stderr")]
         for output in outputs:
             if "text" in output:
-                output["text"] = tidy(output["text"])
+                output["text"] = tidy(TRAINER_LOG.sub("", output["text"]))
             for mime, value in output.get("data", {}).items():
                 if isinstance(value, str) and not mime.startswith("image/"):
                     output["data"][mime] = tidy(value)
-        cell["outputs"] = outputs
+        cell["outputs"] = [o for o in outputs if not (o.get("output_type") == "stream" and not o.get("text"))]
 
 
 def output_texts(nb) -> list[str]:
@@ -174,6 +178,7 @@ def test_clean_outputs_drops_stderr_and_paths():
     nb = nbformat.v4.new_notebook()
     cell = nbformat.v4.new_code_cell("x")
     cell.outputs = [nbformat.v4.new_output("stream", name="stderr", text="50%|#####     | 1/2 [00:01<00:01]\r"),
+                    nbformat.v4.new_output("stream", name="stdout", text="{'loss': '1.7', 'epoch': '0.5'}\n"),
                     nbformat.v4.new_output("stream", name="stdout", text="saved to /tmp/abc/run/model\n"),
                     nbformat.v4.new_output("execute_result", data={"text/plain": "'/tmp/abc/run/x'"}, execution_count=1)]
     nb.cells = [cell]
