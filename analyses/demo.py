@@ -25,7 +25,7 @@ def steps(out: Path, full: bool) -> list[tuple[str, str, list[str]]]:
     """``(title, module, argv)`` of each step, in data-flow order."""
     subset = (lambda *flags: []) if full else (lambda *flags: list(flags))
     return [
-        ("Refusal judge: accuracy on the labelled test half", "analyses.judge", ["--out", str(out / "judge")]),
+        ("Refusal judge: accuracy on the labelled test half", "analyses.judge", ["--no-lomo", "--out", str(out / "judge")]),
         ("Safety of the aligned model", "analyses.safety",
          ["--model", "embedded", "--out", str(out / "safety")] + subset("--limit", "40")),
         ("Safety of the base model", "analyses.safety",

@@ -30,8 +30,8 @@ from finetune.align.data import (
     training_prompts,
     validation_prompts,
 )
+from finetune.align.scores import RECIPE_JUDGE
 from interp.data import load_borderline, load_pairs, load_prompts, load_xstest, prompts_hash, sample_rows
-from interp.judge import DEFAULT_JUDGE
 from interp.models import ALIGNED_ADAPTER, PACKAGE_WEIGHTS
 
 NO_CHECK = RowChoice(check_pairs=0)
@@ -275,7 +275,7 @@ def test_a_tiny_run_validates_each_epoch_and_step_and_records_its_choice(tiny_di
     assert [row["epoch"] for row in sft["validation"]] == [1, 2]
     assert [row["step"] for row in dpo["validation"]] == list(range(1, len(dpo["validation"]) + 1))  # every step
     best = {name: max(r["score"] for r in stage["validation"]) for name, stage in recipe["stages"].items()}
-    assert recipe["best_validation"] == best and recipe["judge"] == DEFAULT_JUDGE.describe()
+    assert recipe["best_validation"] == best and recipe["judge"] == RECIPE_JUDGE.describe()
     assert recipe["method"] == ("sft+dpo" if best["dpo"] > best["sft"] else "sft")
     for row in sft["validation"] + dpo["validation"] + [recipe["validation_base"]]:
         rates = [row[k] for k in ("paired_harmful", "paired_benign", "borderline")]
@@ -302,7 +302,7 @@ def test_a_tiny_run_scores_its_adapter_on_the_check_rows_once(tiny_dir, tiny_run
     model = merged_model(str(tiny_dir), out)
     expected = {}
     for name, queries in check_prompts(6).items():
-        refused = [DEFAULT_JUDGE.is_refusal(t) for t in generate(model, queries, max_new_tokens=32)]
+        refused = [RECIPE_JUDGE.is_refusal(t) for t in generate(model, queries, max_new_tokens=32)]
         expected[name] = round(sum(refused) / 6 if name == "paired_harmful" else 1 - sum(refused) / 6, 4)
     assert {k: check[k] for k in expected} == expected and check["pairs"] == 6
     assert check["score"] == round(sum(expected.values()) / 2, 4)

@@ -21,10 +21,9 @@ from analyses.cli import positive_int
 from finetune.align.adapters import combine_adapters, merged_model
 from finetune.align.card import adapter_card
 from finetune.align.data import RowChoice, candidate_prompts, training_prompts
-from finetune.align.scores import check_record, validation_scores
+from finetune.align.scores import RECIPE_JUDGE, check_record, validation_scores
 from finetune.align.stages import best_checkpoint, dpo_stage, sft_stage, stage_record
 from interp.data import prompts_hash, sample_rows
-from interp.judge import DEFAULT_JUDGE
 from interp.models import ALIGNED_ADAPTER, EMBEDDED_NAME, PACKAGE_WEIGHTS, cache_dir, load_model
 
 METHODS = ("sft", "sft+dpo")
@@ -147,7 +146,7 @@ def main(argv=None):
                         "dropped_near_copies": len(candidates[role]) - len(kept[role])} for role, q in prompts.items()},
         "validation_base": base_scores,
         "selection": SELECTION,
-        "judge": DEFAULT_JUDGE.describe(),  # what every validation and check score was judged by
+        "judge": RECIPE_JUDGE.describe(),  # what every validation and check score was judged by
         "best_validation": best,
         "check": check,
         "stages": {name: {k: v for k, v in stage.items() if k != "history"} for name, stage in stages.items()},

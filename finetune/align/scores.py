@@ -8,13 +8,18 @@ from __future__ import annotations
 
 from finetune.align.data import check_prompts, validation_prompts
 from interp.answers import generate_and_judge
-from interp.judge import DEFAULT_JUDGE
+from interp.judge import OPENING_JUDGE
+
+RECIPE_JUDGE = OPENING_JUDGE
+"""The judge the recipe's choices are scored by: the phrase matcher the shipped adapter's epoch was
+chosen with (``recipe.json`` records it), so the recipe reproduces that choice whatever the
+toolkit's default judge is."""
 
 REFUSE_SET = "paired_harmful"
 """The one set scored by its refusals; every other set is scored by its answers."""
 
 
-def row_scores(model, sets: dict[str, list[str]], judge=DEFAULT_JUDGE, batch_size: int = 64) -> dict:
+def row_scores(model, sets: dict[str, list[str]], judge=RECIPE_JUDGE, batch_size: int = 64) -> dict:
     """For each named set of rows, the share refused (``paired_harmful``) or answered (the others),
     greedy, 32 new tokens, ``judge``; ``score`` is their mean."""
     scores = {}
