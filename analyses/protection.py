@@ -9,9 +9,9 @@ freeze the located window, every other window of its size and three unit control
 ``finetune.protection.ATTACK_GRID`` (and 128 steps at 3e-4 if none qualifies), scores V_h and task
 quality, and writes ``--attack-csv`` (every cell, which qualify, the one chosen) and, beside it,
 ``attack.json``: the chosen cell and the profile's stride, chosen by the projected hours of step 2.
-It refuses to start when the quality rule cannot be met (the quality pairs' references are the
-unattacked model's own answers, so its ROUGE-L is 1); ``--min-rouge`` then takes an absolute floor
-that an amended PLAN.md names.
+Task quality is kept when ROUGE-L on the quality pairs is at least ``--min-rouge`` (0.28, PLAN.md
+amendment 1: the pairs' references are the unattacked model's own answers, so a floor relative to
+its ROUGE-L of 1 could never be met).
 Step 2 reads that file: ``--primary`` full fine-tuning and SPPFT on the located window (seeds 0-4,
 dose curve and audit); ``--profile`` every window (seeds 0-2, final R_h only; with ``--landscape`` of another size, that
 range too, as an extra row outside the permutation test); ``--controls``
@@ -53,9 +53,8 @@ def parse_args(argv=None):
     parser.add_argument("--out", type=Path, default=Path("docs/sppft/protection"))
     parser.add_argument("--attack-csv", type=Path, default=Path("docs/sppft/attack.csv"))
     parser.add_argument("--workers", type=positive_int, default=2, help="runs at a time (one torch thread each)")
-    parser.add_argument("--min-rouge", type=float, default=None,
-                        help="step 1: an absolute ROUGE-L floor instead of the unattacked model's minus 0.02 "
-                             "(only under an amended PLAN.md: see --select-attack's refusal)")
+    parser.add_argument("--min-rouge", type=float, default=P.MIN_ROUGE,
+                        help=f"step 1: the ROUGE-L floor of task quality (default {P.MIN_ROUGE}, PLAN.md amendment 1)")
     parser.add_argument("--landscape", default=None, help="START,END of the R_o landscape's winner, marked on the profile")
     for flag, text in (("--select-attack", "PLAN step 1: choose the attack on V_h"),
                        ("--primary", "full and SPPFT on D_I, seeds 0-4"), ("--profile", "every window, seeds 0-2"),

@@ -59,6 +59,8 @@ ATTACK_GRID = ((16, 1e-4), (16, 3e-4), (32, 1e-4), (32, 3e-4), (64, 1e-4), (64, 
 ATTACK_FALLBACK = (128, 3e-4)
 MIN_ANSWERED = 0.5
 ROUGE_DROP = 0.02
+MIN_ROUGE = 0.28
+"""PLAN.md amendment 1: the absolute ROUGE-L floor of task quality after the attack."""
 HOURS = 8.0
 _WINDOW = re.compile(r"^window(\d+)-(\d+)$")
 
