@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test bench lab clean
+.PHONY: setup demo lint test bench lab clean
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,11 +28,15 @@ demo: setup
 	$(PY) -m analyses.model_card --model embedded
 	$(PY) -m analyses.demo $(DEMO_ARGS)
 
-test: setup
+# ruff, configured in pyproject.toml; `make test` lints first.
+lint: setup
+	$(PY) -m ruff check .
+
+test: lint
 	$(PY) -m pytest -q tests $(TEST_ARGS)
 
 bench: setup
-	$(PY) benchmarks/existence.py --model embedded && $(PY) benchmarks/locate.py && $(PY) benchmarks/patching.py && $(PY) benchmarks/sppft.py
+	$(PY) benchmarks/existence.py --model embedded && $(PY) benchmarks/locate.py && $(PY) benchmarks/patching.py && $(PY) benchmarks/sppft.py && $(PY) -m benchmarks.landscape
 
 # JupyterLab on notebooks/, with .venv's Python as the kernel (LAB_ARGS, e.g. --no-browser --port 8889;
 # as root, as in a container, it adds --allow-root).

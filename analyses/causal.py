@@ -255,7 +255,7 @@ def write_outputs(out: Path, models: list[dict], args) -> list[Path]:
     statement = "\n\n".join(m["statement"] for m in models)
     record = {
         "config": {"models": args.specs, "existence": str(args.existence),
-                   "located": {s: str(l.path) for s, l in args.located_ranges.items()},
+                   "located": {s: str(located.path) for s, located in args.located_ranges.items()},
                    "pairs_part": "test", "limit": args.limit, "sites": args.sites,
                    "threshold": args.threshold, "min_gap": args.min_gap, "gen_pairs": args.gen_pairs,
                    "direction_pairs": args.direction_pairs,

@@ -217,7 +217,7 @@ def plot_attention_heatmap(
     return fig
 
 
-def plot_token_scores(tokens: list[str], scores: Float[Tensor, "pos"], title: str = "", ax=None):
+def plot_token_scores(tokens: list[str], scores: Float[Tensor, " pos"], title: str = "", ax=None):
     """A static bar chart of per-token scores (the fallback where circuitsvis cannot run)."""
     if len(tokens) != len(scores):
         raise ValueError(f"{len(tokens)} tokens but {len(scores)} scores")

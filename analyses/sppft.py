@@ -36,10 +36,20 @@ from pathlib import Path
 import pandas as pd
 
 from analyses.cli import UsageError, add_model_options, main_guard, model_from, parser_for, positive_int
-from finetune import data as D
-from finetune.study import MODES, REVERSE_CONTROL, StudyConfig, audit_table, differences, finished_runs, load_before, run_study, summarise
-from interp.io import atomic_savefig, atomic_write_csv, atomic_write_json
 from analyses.plots import plot_audit, plot_dose, plot_protection
+from finetune import data as D
+from finetune.study import (
+    MODES,
+    REVERSE_CONTROL,
+    StudyConfig,
+    audit_table,
+    differences,
+    finished_runs,
+    load_before,
+    run_study,
+    summarise,
+)
+from interp.io import atomic_savefig, atomic_write_csv, atomic_write_json
 from interp.provenance import versions
 
 

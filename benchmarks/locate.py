@@ -39,7 +39,7 @@ from dataclasses import dataclass
 import torch
 
 from interp.judge import DEFAULT_JUDGE
-from interp.locate import lowest_layer
+from interp.locate import lowest_layer, search_bounds
 from interp.overrejection import RoEvaluator, over_rejection_prompts
 from interp.ranges import LayerRange
 from interp.ro_search import SearchRo

@@ -173,7 +173,7 @@ def benign_pairs(
     queries = load_prompts("benign", part)[: limit or None]
     pairs = [(q, a) for q, a in zip(queries, answers_for(model, queries, **answer_kwargs)) if a.strip()]
     if len(pairs) < len(queries):
-        warnings.warn(f"{len(queries) - len(pairs)} of {len(queries)} {part} instructions got an empty answer and are left out")
+        warnings.warn(f"{len(queries) - len(pairs)} of {len(queries)} {part} instructions got an empty answer and are left out", stacklevel=2)
     if not pairs:
         raise DataError("the model answered none of the benign instructions (every answer empty)")
     return pairs

@@ -41,6 +41,7 @@ from torch import Tensor
 from interp.architectures import architecture_of
 from interp.ranges import LayerRange, LayerRangeError, check_layer, check_layers
 
+
 def named_parameters(model) -> dict[str, torch.nn.Parameter]:
     """Every parameter of the model once (a tied weight under its first name), by HF name: a
     ``LoadedModel``'s ``hf_parameters``, or an unbridged HF module's own names."""

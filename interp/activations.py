@@ -94,7 +94,7 @@ def capture_last_token_resid(
     for batch in prompts.batches:
         last = last_token_index(batch.mask) - prompts.n_prefix
         rows = torch.arange(len(batch.index), device=last.device)
-        reads = {hook_name(SITE, i): (lambda resid: resid[rows, last]) for i in layers}
+        reads = {hook_name(SITE, i): (lambda resid, rows=rows, last=last: resid[rows, last]) for i in layers}
         found = capture_hooks(model, batch.ids, batch.mask, reads, kv)
         acts = torch.stack([found[hook_name(SITE, i)] for i in layers], dim=1).float().cpu()
         if out is None:

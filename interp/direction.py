@@ -93,7 +93,7 @@ class RefusalDirections:
         """Difference of means, harmful minus benign."""
         return self.harmful_mean - self.benign_mean
 
-    def unit(self, layer: int) -> Float[Tensor, "d_model"]:
+    def unit(self, layer: int) -> Float[Tensor, " d_model"]:
         """Layer ``layer``'s direction, unit length."""
         diff = self.difference[check_layer(layer, self.n_layers)]
         norm = diff.norm()
@@ -101,7 +101,7 @@ class RefusalDirections:
             raise ValueError(f"harmful and benign means coincide at layer {layer}: no direction")
         return diff / norm
 
-    def midpoint(self, layer: int) -> Float[Tensor, "d_model"]:
+    def midpoint(self, layer: int) -> Float[Tensor, " d_model"]:
         """Halfway between the harmful and benign means at ``layer``."""
         layer = check_layer(layer, self.n_layers)
         return (self.harmful_mean[layer] + self.benign_mean[layer]) / 2
@@ -177,14 +177,14 @@ def _add(vector: Tensor):
     return hook
 
 
-def ablation_hooks(direction: Float[Tensor, "d_model"], n_layers: int, sites=ABLATION_SITES) -> list:
+def ablation_hooks(direction: Float[Tensor, " d_model"], n_layers: int, sites=ABLATION_SITES) -> list:
     """Hooks projecting ``direction`` (normalised here) out at every position of ``sites`` of
     every layer."""
     unit = direction / direction.norm()
     return [(hook_name(site, layer), _ablate(unit)) for layer in range(n_layers) for site in sites]
 
 
-def addition_hooks(direction: Float[Tensor, "d_model"], layer: int, coeff: float, site: str = ADDITION_SITE) -> list:
+def addition_hooks(direction: Float[Tensor, " d_model"], layer: int, coeff: float, site: str = ADDITION_SITE) -> list:
     """A hook adding ``coeff`` times the unit ``direction`` at every position of ``site`` at
     ``layer``."""
     unit = direction / direction.norm()

@@ -45,8 +45,8 @@ def refusal_opening_token_ids(tokenizer, phrases=REFUSAL_PHRASES) -> list[int]:
 class FirstStep:
     """First-step refusal statistics of one configuration, per prompt (caller's order)."""
 
-    mass: Float[Tensor, "prompt"]  # probability on refusal-opening tokens, in [0, 1]
-    argmax_opens: Bool[Tensor, "prompt"]  # the greedy first token opens a refusal
+    mass: Float[Tensor, " prompt"]  # probability on refusal-opening tokens, in [0, 1]
+    argmax_opens: Bool[Tensor, " prompt"]  # the greedy first token opens a refusal
 
     @classmethod
     def from_logits(cls, logits: Float[Tensor, "prompt vocab"], opener_ids: Tensor) -> "FirstStep":
@@ -71,7 +71,7 @@ class FirstStep:
         return int((self.mass >= threshold).sum()) + margin
 
 
-def refusal_log_odds(logits: Float[Tensor, "batch vocab"], opener_ids) -> Float[Tensor, "batch"]:
+def refusal_log_odds(logits: Float[Tensor, "batch vocab"], opener_ids) -> Float[Tensor, " batch"]:
     """``log p_open - log(1 - p_open)`` of each row, ``p_open`` the softmax mass on
     ``opener_ids`` (computed as a difference of two log-sum-exps)."""
     logits = logits.float()

@@ -44,7 +44,7 @@ class StopForward(Exception):
     """Raised by a hook once everything needed has been recorded, to skip the rest."""
 
 
-def last_token_index(attention_mask: Int[Tensor, "batch pos"]) -> Int[Tensor, "batch"]:
+def last_token_index(attention_mask: Int[Tensor, "batch pos"]) -> Int[Tensor, " batch"]:
     """Position of each row's last real token, whichever side was padded."""
     if (attention_mask.sum(-1) == 0).any():
         raise ValueError("a prompt in the batch has no tokens at all")
@@ -97,7 +97,7 @@ class Batch:
 class PromptBatches:
     """Prompts tokenised once: the shared prefix and length-sorted suffix batches."""
 
-    prefix_ids: Int[Tensor, "prefix"]
+    prefix_ids: Int[Tensor, " prefix"]
     batches: list[Batch]
     n_prompts: int
     lengths: list[int]
@@ -172,7 +172,7 @@ def register_grouped_eager() -> str:
 
 
 @torch.no_grad()
-def prefix_cache(model, prefix_ids: Int[Tensor, "pos"], lm=None) -> list[tuple[Tensor, Tensor]] | None:
+def prefix_cache(model, prefix_ids: Int[Tensor, " pos"], lm=None) -> list[tuple[Tensor, Tensor]] | None:
     """Every layer's keys and values for the shared prefix (one sequence), under whatever hooks
     are active; ``None`` for an empty prefix."""
     if len(prefix_ids) == 0:

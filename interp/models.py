@@ -264,7 +264,7 @@ class LoadedModel:
         """The prompt text for one query under this model's template (or the one given)."""
         return format_prompt(self.tokenizer, query, template or self.template)
 
-    def token_rows(self, queries: list[str], template: str | None = None) -> list[Int[Tensor, "pos"]]:
+    def token_rows(self, queries: list[str], template: str | None = None) -> list[Int[Tensor, " pos"]]:
         """Each query formatted and tokenised, unpadded, on the CPU (``PromptTooLongError`` for a
         prompt longer than the context)."""
         template = check_template(template or self.template)

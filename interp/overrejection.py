@@ -107,7 +107,7 @@ class RoResult:
     evaluation), the generated texts, and the first-step statistics."""
 
     first: FirstStep
-    flags: Bool[Tensor, "prompt"] | None = None
+    flags: Bool[Tensor, " prompt"] | None = None
     texts: list[str] | None = None
 
     @property

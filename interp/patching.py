@@ -117,7 +117,7 @@ def prompt_last_logits(model: LoadedModel, queries: list[str], fwd_hooks=(), *, 
 
 
 def prompt_log_odds(model: LoadedModel, queries: list[str], fwd_hooks=(), *, batch_size: int = 32,
-                    template: str | None = None) -> Float[Tensor, "prompt"]:
+                    template: str | None = None) -> Float[Tensor, " prompt"]:
     """The refusal log-odds of each query's first answer token, with ``fwd_hooks`` active for
     the whole forward (the shared prefix included), in the caller's order."""
     return prompt_last_logits(model, queries, fwd_hooks, reduce=refusal_metric(model), batch_size=batch_size,
@@ -278,7 +278,7 @@ def run_last_position(
         kv = _earlier_positions(model, batch, kv_prefix)
         found: dict[tuple[str, int], Tensor] = {}
 
-        def reader(key):
+        def reader(key, found=found):
             def hook(value, hook):
                 found[key] = value[:, -1].detach().float().cpu()
                 return value
@@ -326,17 +326,17 @@ class PatchingResult:
     sites: list[str]
     layers: list[int]
     directions: list[str]
-    harmful_clean: Float[Tensor, "pair"]
-    benign_clean: Float[Tensor, "pair"]
+    harmful_clean: Float[Tensor, " pair"]
+    benign_clean: Float[Tensor, " pair"]
     patched: Float[Tensor, "direction site layer pair"]
     min_gap: float = 0.5
     settings: dict = field(default_factory=dict)
 
-    def clean(self, side: str) -> Float[Tensor, "pair"]:
+    def clean(self, side: str) -> Float[Tensor, " pair"]:
         return {"harmful": self.harmful_clean, "benign": self.benign_clean}[side]
 
     @property
-    def gap(self) -> Float[Tensor, "pair"]:
+    def gap(self) -> Float[Tensor, " pair"]:
         """Clean harmful minus clean benign log-odds, per pair."""
         return self.harmful_clean - self.benign_clean
 

@@ -40,11 +40,11 @@ from interp.ranges import check_layer
 def token_refusal_scores(
     model: LoadedModel,
     query: str,
-    direction: Float[Tensor, "d_model"],
+    direction: Float[Tensor, " d_model"],
     layer: int,
     template: str | None = None,
-    center: Float[Tensor, "d_model"] | None = None,
-) -> Float[Tensor, "pos"]:
+    center: Float[Tensor, " d_model"] | None = None,
+) -> Float[Tensor, " pos"]:
     """Projection of each position's residual (``blocks.{layer}.hook_resid_post``), minus
     ``center`` if given, onto the unit vector along ``direction``; positions as in
     ``prompt_tokens(model, query, template)``."""
@@ -96,7 +96,7 @@ def circuitsvis_attention(
 
 
 def colored_token_scores(
-    tokens: list[str], scores: Float[Tensor, "pos"], max_abs: float | None = None, offline: bool = True
+    tokens: list[str], scores: Float[Tensor, " pos"], max_abs: float | None = None, offline: bool = True
 ) -> OfflineHTML:
     """circuitsvis ``colored_tokens``: red for positive scores, blue for negative (circuitsvis's
     default is the reverse), on a scale

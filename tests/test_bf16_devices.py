@@ -14,8 +14,8 @@ multi-GPU ``device_map`` installs.  A real multi-GPU split is not tested here.
 
 from __future__ import annotations
 
-import torch
 import pytest
+import torch
 
 from interp.activations import capture_last_token_resid
 from interp.generation import generate
@@ -25,11 +25,29 @@ from interp.ranges import LayerRange
 from interp.scaling import ALL_COMPONENTS, scaled
 
 try:
-    from test_families import (DO_PROMPTS, PROMPTS, ParityJudge, build_tiny_family, greedy_reference,
-                               logits_at_real_tokens, plain_copy, reference_scaled, tolerances)
+    from test_families import (
+        DO_PROMPTS,
+        PROMPTS,
+        ParityJudge,
+        build_tiny_family,
+        greedy_reference,
+        logits_at_real_tokens,
+        plain_copy,
+        reference_scaled,
+        tolerances,
+    )
 except ImportError:  # imported as a package module
-    from tests.test_families import (DO_PROMPTS, PROMPTS, ParityJudge, build_tiny_family, greedy_reference,
-                                     logits_at_real_tokens, plain_copy, reference_scaled, tolerances)
+    from tests.test_families import (
+        DO_PROMPTS,
+        PROMPTS,
+        ParityJudge,
+        build_tiny_family,
+        greedy_reference,
+        logits_at_real_tokens,
+        plain_copy,
+        reference_scaled,
+        tolerances,
+    )
 
 BF16 = torch.bfloat16
 N_LAYERS = 4  # conftest's tiny Llama

@@ -185,7 +185,7 @@ def test_what_cannot_be_sharded_is_refused(tiny_dir, tmp_path):
     with pytest.raises(ShardingError, match="gradient accumulation"):
         check_shardable(plain, TrainConfig(grad_accum=2), None, 1)
     bridged = load_model(str(tiny_dir), device="cpu")
-    bridged.bridge  # boot it
+    _ = bridged.bridge  # boot it
     with pytest.raises(ShardingError, match="plain HF model"):
         check_shardable(bridged, TrainConfig(), None, 1)
     assert not torch.distributed.is_initialized()  # the group of one made for the refused call is gone

@@ -13,7 +13,6 @@ from interp.generation import generate, generate_completions
 from interp.judge import RefusalMatcher, is_refusal, normalize
 from interp.models import load_model
 
-
 PROMPTS = [
     "Tell me a long story about a dragon who loves to bake sourdough bread in the mountains.",
     "hi",

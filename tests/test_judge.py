@@ -6,10 +6,16 @@ held-out XSTest model when trained on the other two."""
 from __future__ import annotations
 
 import pytest
-import torch
 
-from interp.judge import (DEFAULT_JUDGE, DEFAULT_WINDOW, OPENING_JUDGE, REFUSAL_PHRASES, RefusalMatcher, is_refusal,
-                          normalize)
+from interp.judge import (
+    DEFAULT_JUDGE,
+    DEFAULT_WINDOW,
+    OPENING_JUDGE,
+    REFUSAL_PHRASES,
+    RefusalMatcher,
+    is_refusal,
+    normalize,
+)
 from interp.judge_baselines import BASELINES
 from interp.judge_whole import SHIPPED as WHOLE
 

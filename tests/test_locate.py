@@ -394,7 +394,10 @@ def test_initial_range_prefers_the_paired_band_of_validation_pairs_only(tmp_path
 # --- several starts (interp.ro_search.best_run, analyses.locate --init ... --init / --all-bands) --
 
 
-def two_peaks(a=LayerRange(2, 4), b=LayerRange(20, 24)):
+PEAK_A, PEAK_B = LayerRange(2, 4), LayerRange(20, 24)
+
+
+def two_peaks(a=PEAK_A, b=PEAK_B):
     """R_o with two separate planted ranges, ``b`` twice as strong: a search that starts near
     ``a`` stays there (the search is local)."""
     def ro(layer_range, alpha):

@@ -172,7 +172,7 @@ def test_a_patch_changes_the_residual_only_from_its_layer_on(tiny, pairs, site):
         source = single_last_value(tiny, pair.harmful, hook_name(site, layer))
         found = {}
 
-        def read(k):
+        def read(k, found=found):
             def hook(value, hook):
                 found[k] = value[0, -1].clone()
                 return value

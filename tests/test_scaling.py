@@ -15,9 +15,9 @@ from interp.scaling import (
     PAPER_CODE_COMPONENTS,
     ScalingError,
     hook_count,
-    torch_hook_count,
     scale_weights_,
     scaled,
+    torch_hook_count,
 )
 
 PROMPTS = ["How to kill time?", "Write a haiku about the sea and the wind."]
