@@ -47,8 +47,6 @@ from __future__ import annotations
 
 import math
 import os
-import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -60,6 +58,7 @@ from torch import Tensor
 
 from finetune import masks as M
 from finetune.train import TrainConfig, mask_range, pad_collate, prepare_dataset
+from interp.checkpoint import save_hf_checkpoint
 from interp.errors import SafetyLayersError
 from interp.io import atomic_write_json
 from interp.provenance import versions
@@ -252,28 +251,6 @@ def gathered_state(hf_model) -> dict[str, Tensor]:
     return get_model_state_dict(hf_model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
-def save_gathered(model, state: dict[str, Tensor], folder: Path) -> Path:
-    """Write ``state`` as a plain HF model folder (weights, config, generation config, tokenizer)
-    through a temporary folder renamed into place."""
-    import json
-
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    try:
-        model.hf_model.save_pretrained(tmp, state_dict=state)
-        config = json.loads((tmp / "config.json").read_text())
-        if config.pop("_attn_implementation", None) is not None:
-            (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        model.tokenizer.save_pretrained(tmp)
-        if folder.exists():
-            shutil.rmtree(folder)
-        tmp.rename(folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return folder
-
-
 # ---------------------------------------------------------------- train
 
 
@@ -326,7 +303,7 @@ def train_sharded(model, dataset, mode: str = "sppft", layers=None, out_dir: str
                       "dataset_rows": len(dataset), "train": asdict(config), "device": str(device),
                       "versions": versions(), **({"data": record} if record else {})}
         if dist.get_rank() == 0:
-            save_gathered(model, state, checkpoint)
+            save_hf_checkpoint(model, checkpoint, state=state)
             metrics = {"seconds": round(seconds, 2), "steps": len(history),
                        "seconds_per_step": round(seconds / len(history), 3) if history else None,
                        "train_loss": sum(h["loss"] for h in history) / len(history) if history else None,

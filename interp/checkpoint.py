@@ -35,16 +35,19 @@ def _unique(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def save_hf_checkpoint(model, folder: str | Path, metadata: dict | None = None) -> Path:
+def save_hf_checkpoint(model, folder: str | Path, metadata: dict | None = None,
+                       state: dict[str, torch.Tensor] | None = None) -> Path:
     """Write ``model`` (a ``LoadedModel``) as a plain HF model folder; returns the folder.
-    ``metadata``: extra provenance stored beside it as ``safety_layers.json``."""
+    ``metadata``: extra provenance stored beside it as ``safety_layers.json``; ``state``: the
+    weights under their HF names when they are not the model's own tensors (a sharded run's
+    gathered state dict), by default ``model.hf_state_dict()``."""
     from safetensors.torch import save_file
 
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
-        state = _unique(model.hf_state_dict())
+        state = _unique(model.hf_state_dict() if state is None else state)
         save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         config = model.config
         attn = getattr(config, "_attn_implementation", None)
