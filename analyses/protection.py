@@ -113,12 +113,6 @@ def select_attack(args, safety: LayerRange, log=print) -> dict:
         saved = {"key": key, "before": {"V_h": flags, "quality": quality}}
         atomic_write_json(before_path, saved)
     before = saved["before"]
-    if args.min_rouge is None and P.unreachable_quality(before["quality"]["rouge_l"]):
-        raise UsageError(
-            f"the unattacked model's ROUGE-L on the {len(pairs['quality'])} quality pairs is "
-            f"{before['quality']['rouge_l']:.3f}: their references are its own greedy answers, so PLAN step 1's rule "
-            f"(at least that minus {P.ROUGE_DROP}) cannot be met by any attack; amend docs/sppft/PLAN.md (e.g. an "
-            "absolute floor) and pass it as --min-rouge")
     rule = {"min_rouge": args.min_rouge}
     n_layers = base.n_layers
     del base
@@ -140,7 +134,7 @@ def select_attack(args, safety: LayerRange, log=print) -> dict:
     table["chosen"] = [chosen is not None and (r["steps"], r["lr"]) == (chosen["steps"], chosen["lr"]) for r in rows]
     stride = P.choose_stride(chosen, n_layers, safety) if chosen else None
     result = {"chosen": {"steps": chosen["steps"], "lr": chosen["lr"]} if chosen else None, "stride": stride,
-              "rule": {"min_answered": P.MIN_ANSWERED, "rouge_drop": P.ROUGE_DROP, **rule}, "safety": str(safety),
+              "rule": {"min_answered": P.MIN_ANSWERED, **rule}, "safety": str(safety),
               "rows": rows}
     atomic_write_csv(args.attack_csv, table)
     atomic_write_json(attack_path(args), result)

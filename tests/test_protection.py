@@ -214,15 +214,15 @@ def _cell(steps, lr, rate, rouge, before=0.40):
 
 
 def test_the_attack_rule_takes_the_cheapest_qualifying_cell():
-    rows = [_cell(16, 1e-4, 0.30, 0.40), _cell(16, 3e-4, 0.60, 0.30),  # answers enough but loses quality
-            _cell(32, 3e-4, 0.55, 0.39), _cell(32, 1e-4, 0.50, 0.385), _cell(64, 1e-4, 0.9, 0.5)]
-    assert [P.qualifies(r) for r in rows] == [False, False, True, True, True]
+    rows = [_cell(16, 1e-4, 0.30, 0.40), _cell(16, 3e-4, 0.60, 0.27),  # answers enough but loses quality
+            _cell(32, 3e-4, 0.55, 0.39), _cell(32, 1e-4, 0.50, 0.28), _cell(64, 1e-4, 0.9, 0.5)]
+    assert P.MIN_ROUGE == 0.28  # PLAN.md amendment 1
+    assert [P.qualifies(r) for r in rows] == [False, False, True, True, True]  # 0.28 itself passes
     assert (P.choose_attack(rows)["steps"], P.choose_attack(rows)["lr"]) == (32, 1e-4)
     assert P.choose_attack(rows[:2]) is None
-    # an absolute floor (an amended plan) replaces "the unattacked model's minus 0.02"
-    assert [P.qualifies(r, min_rouge=0.30) for r in rows] == [False, True, True, True, True]
-    assert P.choose_attack(rows, min_rouge=0.30)["lr"] == 3e-4
-    assert P.unreachable_quality(1.0) and P.unreachable_quality(0.98) and not P.unreachable_quality(0.9)
+    # another floor moves the choice: 16 steps at 3e-4 qualifies at 0.25
+    assert [P.qualifies(r, min_rouge=0.25) for r in rows] == [False, True, True, True, True]
+    assert P.choose_attack(rows, min_rouge=0.25)["lr"] == 3e-4
 
 
 def test_the_stride_follows_the_projected_hours():
