@@ -32,6 +32,7 @@ once the model and queries are loaded.
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 import pandas as pd
@@ -120,6 +121,28 @@ def parse_part(text: str | None) -> tuple[int, int] | None:
     return part, n_parts
 
 
+def _alpha_choice(args, model, coarse: list[str], initial, common: dict, out: Path) -> dict:
+    """The std rule's record (``choose_alpha_std``), read back from ``alpha_choice.json`` when a
+    run (e.g. the other ``--landscape-part``) already made it with the same settings."""
+    settings = {"model_fingerprint": model.fingerprint(), "prompts_hash": prompts_hash(coarse), "start": str(initial),
+                "increase": args.alpha > 1, "step": getattr(args, "alpha_step", 0.05),
+                "target_std": getattr(args, "target_std", None), "max_steps": getattr(args, "max_alpha_steps", 8),
+                "window": getattr(args, "window", 2), "extend": bool(getattr(args, "extend", False)),
+                "max_new_tokens": args.max_new_tokens}
+    path = out / "alpha_choice.json"
+    if path.is_file():
+        old = json.loads(path.read_text())
+        if old.get("settings") == json.loads(json.dumps(settings)):
+            return old
+    evaluator = LandscapeEvaluator(model, coarse, **{k: v for k, v in common.items() if k != "components"})
+    choice = choose_alpha_std(evaluator, initial, increase=settings["increase"], step=settings["step"],
+                              target_std=settings["target_std"], max_steps=settings["max_steps"],
+                              window=settings["window"], extend=settings["extend"])
+    record = {**choice.to_dict(), "settings": settings}
+    atomic_write_json(path, record)
+    return record
+
+
 def run_landscape(args, model, queries: list[str]) -> dict:
     """Steps 1-5 of the module docstring; ``queries``: the D_o selection to confirm on."""
     out = Path(args.out)
@@ -137,15 +160,11 @@ def run_landscape(args, model, queries: list[str]) -> dict:
     if args.alpha_rule == "std":
         if not initials:
             raise UsageError("--alpha-rule std runs the bound search from a start: give --init or --init-from")
-        evaluator = LandscapeEvaluator(model, coarse, **{k: v for k, v in common.items() if k != "components"})
-        target = getattr(args, "target_std", None)
-        choice = choose_alpha_std(evaluator, initials[0], increase=args.alpha > 1,
-                                  step=getattr(args, "alpha_step", 0.05), target_std=target,
-                                  max_steps=getattr(args, "max_alpha_steps", 8), window=getattr(args, "window", 2))
-        atomic_write_json(out / "alpha_choice.json", choice.to_dict())
-        print(f"alpha rule: {choice.alpha:g} ({'reached' if choice.reached else 'did not reach'} the target std "
-              f"{choice.target_std:.2f}); " + ", ".join(f"{a:g}: std {s:.2f}" for a, s, _ in choice.trials))
-        alphas = list(dict.fromkeys([choice.alpha, args.alpha]))
+        choice = _alpha_choice(args, model, coarse, initials[0], common, out)
+        print(f"alpha rule: {choice['alpha']:g} ({'reached' if choice['reached'] else 'did not reach'} the target std "
+              f"{choice['target_std']:.2f}); " + ", ".join(f"{t['alpha']:g}: std {t['lower_std']:.2f}"
+                                                          for t in choice["trials"]))
+        alphas = list(dict.fromkeys([choice["alpha"], args.alpha]))
     frames = {}
     for alpha in alphas:
         name = f"landscape-a{alpha:g}"
@@ -163,7 +182,7 @@ def run_landscape(args, model, queries: list[str]) -> dict:
     paths, starts = _paths(frame, initials, n_layers, args) if initials else ({}, pd.DataFrame())
     written = [atomic_write_csv(out / "starts-rank.csv", starts)] if len(starts) else []
     record: dict = {"alpha": alpha, "alphas": alphas, "n_layers": n_layers, "coarse_queries": len(coarse),
-                    "coarse_prompts_hash": prompts_hash(coarse), "alpha_rule": None if choice is None else choice.to_dict(),
+                    "coarse_prompts_hash": prompts_hash(coarse), "alpha_rule": choice,
                     "starts": starts.to_dict("records"),
                     "split_coarse": split_stability(frame, coarse)}
     location = None
@@ -194,7 +213,7 @@ def run_landscape(args, model, queries: list[str]) -> dict:
             out / "located.json", _located_result(location, n_layers), model, dataset=DATASET,
             dataset_hash=prompts_hash(queries), n_prompts=len(queries), method="generation (global landscape)",
             template=model.template, max_new_tokens=args.max_new_tokens, components=components or ALL_COMPONENTS,
-            alpha_selection=None if choice is None else choice.to_dict(),
+            alpha_selection=choice,
             extra_metric={"landscape": {"coarse_queries": len(coarse), "top": args.confirm_top,
                                         "p_best": float(location.candidates["p_best"].iloc[0]),
                                         "below_unscaled": bool(location.candidates["below_unscaled"].iloc[0])}},

@@ -312,3 +312,34 @@ def test_locate_cli_refuses_a_bad_landscape_option_before_loading_a_model(capsys
         main(["--model", "/no/such/model", "--landscape", "--confirm-top", "-1"])
     assert exit_info.value.code == 2
     assert "error: --confirm-top must be >= 0, got -1" in capsys.readouterr().err
+
+
+def test_std_rule_record_is_made_once_and_reused_by_the_other_parts(tiny, tmp_path, monkeypatch):
+    import argparse
+    import json
+
+    import analyses.landscape as cli
+    from analyses.landscape import add_landscape_options, run_landscape
+
+    parser = argparse.ArgumentParser()
+    add_landscape_options(parser)
+    calls = []
+    real = cli.choose_alpha_std
+    monkeypatch.setattr(cli, "choose_alpha_std", lambda *a, **k: calls.append(k) or real(*a, **k))
+    queries = over_rejection_prompts(3)
+    records = []
+    for part in ("1/2", "2/2"):
+        args = parser.parse_args(["--landscape", "--landscape-limit", "3", "--alpha-rule", "std",
+                                  "--landscape-part", part])
+        args.__dict__.update(out=tmp_path, alpha=1.3, max_new_tokens=8, batch_size=None, components=ALL_COMPONENTS,
+                             initials=[LayerRange(1, 2)], window=1, upper=None, lower=None, extend=False,
+                             max_alpha_steps=2)
+        records.append(run_landscape(args, tiny, queries))
+    assert len(calls) == 1  # the second part read the record back
+    saved = json.loads((tmp_path / "alpha_choice.json").read_text())
+    assert saved["settings"]["max_steps"] == 2 and len(saved["trials"]) >= 1
+    assert records[0]["alphas"] == records[1]["alphas"] == list(dict.fromkeys([saved["alpha"], 1.3]))
+    args.max_alpha_steps = 1  # other settings: the rule runs again
+    args.landscape_part = "1/2"
+    run_landscape(args, tiny, queries)
+    assert len(calls) == 2
