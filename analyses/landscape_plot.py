@@ -18,9 +18,12 @@ PATH_COLOURS = ("tab:cyan", "tab:orange", "tab:green", "tab:purple", "tab:brown"
 
 
 def search_path(result) -> list[LayerRange]:
-    """The ranges a bound search measured, in order (upper sweep, then lower sweep), from a
-    search result with ``upper`` and ``lower`` rows (``interp.locate``'s result)."""
-    return [row.range for row in [*result.upper, *result.lower] if row.range is not None]
+    """The ranges a bound search measured, in order (upper sweep, then lower sweep), then its
+    result, from a search result with ``upper`` and ``lower`` rows and ``range``
+    (``interp.locate``'s ``BoundSearch``): the drawn line ends at the range the search chose,
+    not at the last one it measured."""
+    measured = [row.range for row in [*result.upper, *result.lower] if row.range is not None]
+    return measured + [result.range] if measured[-1:] != [result.range] else measured
 
 
 def landscape_grid(frame: pd.DataFrame, n_layers: int) -> np.ndarray:

@@ -343,3 +343,15 @@ def test_std_rule_record_is_made_once_and_reused_by_the_other_parts(tiny, tmp_pa
     args.landscape_part = "1/2"
     run_landscape(args, tiny, queries)
     assert len(calls) == 2
+
+
+def test_a_search_path_ends_at_the_range_the_search_chose():
+    from analyses.landscape_plot import search_path
+
+    planted = {LayerRange(i, j): -5.0 * abs(i - 3) - 5.0 * abs(j - 5) for i in range(8) for j in range(i, 8)}
+    result = search_bounds(lambda r, a: 0.0 if r is None else planted[r], LayerRange(2, 5), 1.2, 8, window=2,
+                           extend=True)
+    path = search_path(result)
+    measured = [row.range for row in [*result.upper, *result.lower] if row.range is not None]
+    assert path[-1] == result.range and path[:len(measured)] == measured
+    assert measured[-1] != result.range  # the case the plot got wrong: the last range measured is not the result
