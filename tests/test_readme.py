@@ -157,6 +157,11 @@ def test_results_table_equals_existence_location_and_protection_files():
     winner = next(r for r in located["sweeps"] if r["winner"] and r["phase"] == "lower")
     r = located["range"]
     assert cell("located range") == f"[{r['start']},{r['end']}]: {winner['r_o']:.0f} / {located['baseline_r_o']:.0f}"
+    for prefix, folder in (("global best range, α 1.2", "landscape-1.2"), ("global best range, α 1.05", "landscape")):
+        best = json.loads((ROOT / "docs/locate" / folder / "global.json").read_text())["global"]
+        top = best["candidates"][0]
+        assert prefix.endswith(f"{best['alpha']:g}") and str(top["start"]) in best["winner"]
+        assert cell(prefix) == f"{best['winner']}: {top['R_o']} / {top['p_best']:.2f}"
     with open(ROOT / "docs/sppft/final.csv", newline="") as f:
         final = {(r["data"], r["mode"], r["set"]): float(r["R_h"]) for r in csv.DictReader(f)}
     expected = " / ".join(pct(final[("implicit", m, "advbench_test")]) for m in ("sppft", "full", "ablation"))
