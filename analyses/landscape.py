@@ -41,6 +41,7 @@ from analyses.cli import UsageError, positive_int
 from analyses.landscape_plot import plot_landscape, plot_landscapes, search_path
 from interp.data import prompts_hash
 from interp.io import atomic_savefig, atomic_write_csv, atomic_write_json
+from interp.judge import DEFAULT_JUDGE
 from interp.landscape import (
     BelowUnscaledError,
     LandscapeEvaluator,
@@ -48,6 +49,7 @@ from interp.landscape import (
     choose_alpha_std,
     global_location,
     landscape,
+    landscape_meta,
     part_starts,
     rank_of,
     split_stability,
@@ -124,7 +126,8 @@ def parse_part(text: str | None) -> tuple[int, int] | None:
 def _alpha_choice(args, model, coarse: list[str], initial, common: dict, out: Path) -> dict:
     """The std rule's record (``choose_alpha_std``), read back from ``alpha_choice.json`` when a
     run (e.g. the other ``--landscape-part``) already made it with the same settings."""
-    settings = {"model_fingerprint": model.fingerprint(), "prompts_hash": prompts_hash(coarse), "start": str(initial),
+    meta = landscape_meta(model, coarse, args.alpha, ALL_COMPONENTS, args.max_new_tokens, DEFAULT_JUDGE)
+    settings = {**{k: meta[k] for k in ("model_fingerprint", "template", "prompts_hash", "judge")}, "start": str(initial),
                 "increase": args.alpha > 1, "step": getattr(args, "alpha_step", 0.05),
                 "target_std": getattr(args, "target_std", None), "max_steps": getattr(args, "max_alpha_steps", 8),
                 "window": getattr(args, "window", 2), "extend": bool(getattr(args, "extend", False)),
